@@ -1,0 +1,90 @@
+"""Shadowsocks AEAD (SIP004): the methods, the remote's front-end, and the local's upstream.
+
+* ``relay_register_ciphers``: aes-128-gcm, aes-256-gcm, chacha20-ietf-poly1305.
+* The ``shadowsocks`` handler, what a remote runs on every connection: read the salt and the
+  first chunks, take the target from the plaintext, relay. A connection that fails to
+  authenticate gets no answer at all: the remote reads and discards until the prober gives up or
+  the handshake deadline passes, then closes.
+* ``relay_open_upstream`` on a local: connect to the remote, and send the target (with the
+  client's first data when it comes promptly) as the first encrypted flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from relay import Address, Endpoint, HandlerSpec, ProtocolError, Session, hookimpl
+from relay.address import decode_address, encode_address
+from relay.aead import Aead2017Cipher
+from relay.net import connect_tcp
+from relay.server import RelayHandler
+
+log = logging.getLogger("relay.shadowsocks")
+
+CIPHERS = [
+    Aead2017Cipher("aes-128-gcm", 16, AESGCM),
+    Aead2017Cipher("aes-256-gcm", 32, AESGCM),
+    Aead2017Cipher("chacha20-ietf-poly1305", 32, ChaCha20Poly1305),
+]
+
+
+class ShadowsocksHandler(RelayHandler):
+    def handle(self) -> None:
+        config = self.session.config
+        assert config.cipher is not None
+        conn = self.request
+        decryptor = config.cipher.decryptor(config.key)
+        plaintext = bytearray()
+        try:
+            while (parsed := decode_address(plaintext)) is None:
+                n = conn.recv_into(decryptor.recv_buffer())
+                if not n:
+                    decryptor.eof()
+                    raise ProtocolError("closed before sending a target")
+                plaintext += decryptor.received(n)
+        except ProtocolError as e:
+            self._drain(config.handshake_timeout)
+            raise ProtocolError(f"refused: {e}") from None
+        target, end = parsed
+        upstream = self.open_upstream(target)
+        encryptor = config.cipher.encryptor(config.key)
+        self.relay(upstream, decoder=decryptor, encoder=encryptor, early=bytes(plaintext[end:]))
+
+    def _drain(self, seconds: float) -> None:
+        """Say nothing to a peer that failed to authenticate: read until it closes or time is up."""
+        deadline = time.monotonic() + seconds
+        buffer = bytearray(16 * 1024)
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                self.request.settimeout(left)
+                if not self.request.recv_into(buffer):
+                    return
+        except OSError:
+            return
+
+
+@hookimpl
+def relay_register_ciphers() -> list[Aead2017Cipher]:
+    return list(CIPHERS)
+
+
+@hookimpl
+def relay_register_handlers() -> list[HandlerSpec]:
+    return [HandlerSpec("shadowsocks", ShadowsocksHandler, "Shadowsocks AEAD server: what a remote runs")]
+
+
+@hookimpl
+def relay_open_upstream(session: Session, target: Address) -> Endpoint | None:
+    config = session.config
+    if config.role != "local" or config.server is None or config.cipher is None:
+        return None
+    sock = connect_tcp(config.server, config.connect_timeout)
+    return Endpoint(
+        sock,
+        decoder=config.cipher.decryptor(config.key),
+        encoder=config.cipher.encryptor(config.key),
+        first_flight=encode_address(target),
+    )

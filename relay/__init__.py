@@ -1,0 +1,31 @@
+"""relay: a plugin-based TCP proxy in the Shadowsocks spirit.
+
+The public API, for plugins and embedders: the hook markers, the types hooks receive and
+return, and the error tree. The plugin contract itself is relay.hookspecs.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .address import Address
+from .endpoint import Endpoint
+from .errors import ConfigError, DecryptError, ProtocolError, RelayError, Socks5Error, TargetRefused
+from .hookspecs import HandlerSpec, hookimpl, hookspec
+from .session import Session
+
+__all__ = [
+    "__version__",
+    "Address",
+    "Endpoint",
+    "HandlerSpec",
+    "Session",
+    "hookimpl",
+    "hookspec",
+    "RelayError",
+    "ConfigError",
+    "TargetRefused",
+    "ProtocolError",
+    "Socks5Error",
+    "DecryptError",
+]

@@ -1,0 +1,216 @@
+"""Shadowsocks AEAD ciphers, the 2017 edition (SIP004), sans-I/O.
+
+Keys::
+
+    master key = EVP_BytesToKey(MD5, password)[:key_size]
+    subkey     = HKDF-SHA1(master key, salt, info=b"ss-subkey")[:key_size]
+    nonce      = 12-byte little-endian counter from 0, +1 after every AEAD operation
+
+A TCP stream, each direction, with its own random salt (salt size = key size)::
+
+    +------+----------------------------+-----------------------------+-----
+    | salt | encrypted length (2) | tag | encrypted payload (n) | tag | ...
+    +------+----------------------------+-----------------------------+-----
+              n big-endian, n <= 0x3FFF
+
+The first plaintext a client sends is the target in SOCKS5 form (relay.address), then data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .codec import DEFAULT_BUFFER_SIZE
+from .errors import DecryptError, ProtocolError
+
+__all__ = [
+    "MAX_PAYLOAD",
+    "TAG_SIZE",
+    "evp_bytes_to_key",
+    "session_subkey",
+    "Aead2017Cipher",
+    "AeadStreamEncryptor",
+    "AeadStreamDecryptor",
+]
+
+MAX_PAYLOAD = 0x3FFF
+TAG_SIZE = 16
+NONCE_SIZE = 12
+LENGTH_SIZE = 2
+_LENGTH_CHUNK = LENGTH_SIZE + TAG_SIZE
+_OVERHEAD = _LENGTH_CHUNK + TAG_SIZE  # per chunk
+_MAX_CHUNK = _OVERHEAD + MAX_PAYLOAD
+_EMPTY = memoryview(b"")
+
+AeadFactory = Callable[[bytes], Any]  # key -> object with encrypt_into/decrypt_into (cryptography's AEAD API)
+
+
+def evp_bytes_to_key(password: bytes, key_size: int) -> bytes:
+    """OpenSSL's EVP_BytesToKey with MD5, one iteration, no salt: the Shadowsocks master key."""
+    blocks: list[bytes] = []
+    previous = b""
+    while sum(map(len, blocks)) < key_size:
+        previous = hashlib.md5(previous + password).digest()
+        blocks.append(previous)
+    return b"".join(blocks)[:key_size]
+
+
+def session_subkey(key: bytes, salt: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA1(), length=len(key), salt=salt, info=b"ss-subkey").derive(key)
+
+
+class Aead2017Cipher:
+    """One AEAD-2017 method: a name, a key size and an AEAD class such as ``AESGCM``."""
+
+    def __init__(self, name: str, key_size: int, aead: AeadFactory) -> None:
+        self.name = name
+        self.key_size = key_size
+        self.salt_size = key_size
+        self.aead = aead
+
+    def __repr__(self) -> str:
+        return f"Aead2017Cipher({self.name!r})"
+
+    def key_from_password(self, password: str) -> bytes:
+        return evp_bytes_to_key(password.encode("utf-8"), self.key_size)
+
+    def encryptor(self, key: bytes, salt: bytes | None = None) -> AeadStreamEncryptor:
+        return AeadStreamEncryptor(self.aead, key, salt if salt is not None else os.urandom(self.salt_size))
+
+    def decryptor(self, key: bytes, capacity: int = DEFAULT_BUFFER_SIZE) -> AeadStreamDecryptor:
+        return AeadStreamDecryptor(self.aead, key, self.salt_size, capacity)
+
+
+class AeadStreamEncryptor:
+    """Plaintext in, salt (once) and whole chunks out."""
+
+    def __init__(self, aead: AeadFactory, key: bytes, salt: bytes) -> None:
+        self.salt = salt
+        self._encrypt_into = aead(session_subkey(key, salt)).encrypt_into
+        self._nonce = 0
+        self._pending = salt
+        self._out = memoryview(bytearray(0))
+
+    def encode(self, data: memoryview | bytes) -> memoryview:
+        size = len(data)
+        needed = len(self._pending) + size + -(-size // MAX_PAYLOAD) * _OVERHEAD
+        if needed > len(self._out):
+            self._out = memoryview(bytearray(max(needed, 2 * len(self._out))))
+        out = self._out
+        pos = len(self._pending)
+        if pos:
+            out[:pos] = self._pending
+            self._pending = b""
+        data = memoryview(data)
+        encrypt_into = self._encrypt_into
+        nonce = self._nonce
+        start = 0
+        while start < size:
+            n = min(size - start, MAX_PAYLOAD)
+            encrypt_into(nonce.to_bytes(NONCE_SIZE, "little"), n.to_bytes(2, "big"), None, out[pos : pos + _LENGTH_CHUNK])
+            pos += _LENGTH_CHUNK
+            end = pos + n + TAG_SIZE
+            encrypt_into((nonce + 1).to_bytes(NONCE_SIZE, "little"), data[start : start + n], None, out[pos:end])
+            pos = end
+            nonce += 2
+            start += n
+        self._nonce = nonce
+        return out[:pos]
+
+    def encrypt(self, data: bytes) -> bytes:
+        """``encode`` returning a copy that stays valid."""
+        return bytes(self.encode(data))
+
+
+class AeadStreamDecryptor:
+    """Ciphertext in, plaintext out; partial chunks wait in the receive buffer."""
+
+    def __init__(self, aead: AeadFactory, key: bytes, salt_size: int, capacity: int = DEFAULT_BUFFER_SIZE) -> None:
+        capacity = max(capacity, 2 * _MAX_CHUNK)
+        self.salt: bytes | None = None
+        self._aead_factory = aead
+        self._key = key
+        self._salt_size = salt_size
+        self._decrypt_into: Callable[..., int] | None = None
+        self._nonce = 0
+        self._length = -1  # payload length read from the last length chunk, or -1
+        self._buf = memoryview(bytearray(capacity))
+        self._out = memoryview(bytearray(capacity))
+        self._length_out = bytearray(LENGTH_SIZE)
+        self._start = 0
+        self._end = 0
+
+    def recv_buffer(self) -> memoryview:
+        if len(self._buf) - self._end < _MAX_CHUNK:
+            kept = self._end - self._start
+            self._buf[:kept] = self._buf[self._start : self._end]
+            self._start, self._end = 0, kept
+        return self._buf[self._end :]
+
+    def received(self, nbytes: int) -> memoryview:
+        end = self._end = self._end + nbytes
+        pos = self._start
+        buf = self._buf
+        if self._decrypt_into is None:
+            if end - pos < self._salt_size:
+                return _EMPTY
+            self.salt = bytes(buf[pos : pos + self._salt_size])
+            self._decrypt_into = self._aead_factory(session_subkey(self._key, self.salt)).decrypt_into
+            pos += self._salt_size
+        decrypt_into = self._decrypt_into
+        length_out = self._length_out
+        out = self._out
+        produced = 0
+        nonce = self._nonce
+        length = self._length
+        try:
+            while True:
+                if length < 0:
+                    if end - pos < _LENGTH_CHUNK:
+                        break
+                    decrypt_into(nonce.to_bytes(NONCE_SIZE, "little"), buf[pos : pos + _LENGTH_CHUNK], None, length_out)
+                    nonce += 1
+                    pos += _LENGTH_CHUNK
+                    length = int.from_bytes(length_out, "big")
+                    if length > MAX_PAYLOAD:
+                        raise ProtocolError(f"chunk length {length:#x} exceeds {MAX_PAYLOAD:#x}")
+                chunk_end = pos + length + TAG_SIZE
+                if chunk_end > end:
+                    break
+                decrypt_into(nonce.to_bytes(NONCE_SIZE, "little"), buf[pos:chunk_end], None, out[produced : produced + length])
+                nonce += 1
+                produced += length
+                pos = chunk_end
+                length = -1
+        except InvalidTag:
+            raise DecryptError("chunk failed authentication (wrong password, or not a Shadowsocks peer)") from None
+        finally:
+            self._nonce = nonce
+            self._length = length
+        if pos == end:
+            pos = end = self._end = 0
+        self._start = pos
+        return out[:produced]
+
+    def eof(self) -> None:
+        if self._end != self._start or self._length >= 0:
+            raise ProtocolError("stream ended inside a chunk")
+
+    def decrypt(self, data: bytes) -> bytes:
+        """Feed ``data`` and return every plaintext byte it completes (a copy)."""
+        result = bytearray()
+        view = memoryview(data)
+        while view:
+            buf = self.recv_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            result += self.received(n)
+        return bytes(result)

@@ -1,0 +1,238 @@
+"""The command line: ``relay local|remote|serve|demo|plugins``.
+
+The only code that prints errors and exits: a ConfigError (or a port that cannot be bound) is
+one line on stderr and exit status 2; SIGINT and SIGTERM stop the relays and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import DEFAULT_METHOD, Config, build_config, load_file
+from .errors import ConfigError
+from .plugin_manager import RelayPluginManager, get_plugin_manager
+from .runner import Runner
+from .ssurl import format_ss_url
+
+__all__ = ["main"]
+
+log = logging.getLogger("relay")
+
+EXIT_USAGE = 2
+
+# Flags that map onto config keys; everything else is the CLI's own.
+_CONFIG_FLAGS = (
+    "listen server method password key timeout connect_timeout protocol forward handler allow_private".split()
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        plugins, config_path = _preparse(argv)
+        file = load_file(config_path) if config_path else {}
+        pm = get_plugin_manager(tuple(plugins) + tuple(file.get("plugins", ()) if isinstance(file.get("plugins"), list) else ()))
+        parser = build_parser(pm)
+        args = parser.parse_args(argv)
+        _setup_logging(args.verbose - args.quiet)
+        return args.run(args, pm, file)
+    except ConfigError as e:
+        print(f"relay: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def build_parser(pm: RelayPluginManager) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="A plugin-based TCP proxy in the Shadowsocks spirit: a local relay (SOCKS5, tunnel) "
+        "and a remote relay, joined by a Shadowsocks AEAD tunnel.",
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    local = _command(commands, "local", "run a local relay: SOCKS5 (or a tunnel) in front of a remote", _run_local)
+    _config_options(local, listen_default="127.0.0.1:1080")
+    local.add_argument("-s", "--server", metavar="HOST:PORT", help="the remote relay")
+    _cipher_options(local)
+    local.add_argument("--protocol", metavar="NAME", help="front-end: socks5 (default) or tunnel")
+    local.add_argument("--forward", metavar="HOST:PORT", help="tunnel target, as seen from the remote")
+
+    remote = _command(commands, "remote", "run a remote relay: the Shadowsocks server end", _run_remote)
+    _config_options(remote, listen_default="0.0.0.0:8388")
+    _cipher_options(remote)
+    remote.add_argument("--handler", metavar="NAME", help="answer tunnelled streams with this handler (echo, uppercase) instead of connecting out")
+    _allow_private(remote)
+
+    serve = _command(commands, "serve", "serve a handler (echo, uppercase, socks5...) on a plain TCP port", _run_serve)
+    _config_options(serve, listen_default="127.0.0.1:9999")
+    serve.add_argument("--handler", metavar="NAME", help="the handler to run for every connection (default echo)")
+    _allow_private(serve)
+
+    demo = _command(commands, "demo", "run a remote and a local SOCKS5 relay on loopback, with a fresh password", _run_demo)
+    demo.add_argument("-l", "--listen", metavar="HOST:PORT", default=None, help="SOCKS5 address (default 127.0.0.1:1080, or any free port)")
+    demo.add_argument("-m", "--method", default=DEFAULT_METHOD, help=f"cipher (default {DEFAULT_METHOD})")
+    _common(demo)
+
+    plugins = _command(commands, "plugins", "list the loaded plugins, their hooks, handlers and ciphers", _run_plugins)
+    plugins.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module")
+    plugins.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    plugins.add_argument("-q", "--quiet", action="count", default=0, help=argparse.SUPPRESS)
+
+    for name, sub in (("local", local), ("remote", remote), ("serve", serve), ("demo", demo)):
+        pm.hook.relay_add_arguments(parser=sub, command=name)
+    return parser
+
+
+def _command(commands: Any, name: str, help: str, run: Any) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+    sub.set_defaults(run=run, command=name)
+    return sub
+
+
+def _common(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="load a plugin module from the import path (repeatable)")
+    sub.add_argument("-v", "--verbose", action="count", default=0, help="log more (debug)")
+    sub.add_argument("-q", "--quiet", action="count", default=0, help="log less (warnings and errors only)")
+
+
+def _config_options(sub: argparse.ArgumentParser, listen_default: str) -> None:
+    sub.add_argument("-c", "--config", metavar="FILE", help="shadowsocks-libev JSON config; flags override it")
+    sub.add_argument("-l", "--listen", metavar="HOST:PORT", help=f"where to listen (default {listen_default})")
+    sub.add_argument("-t", "--timeout", type=float, metavar="SECONDS", help="idle timeout of a session (default 300)")
+    sub.add_argument("--connect-timeout", type=float, metavar="SECONDS", help="timeout to connect upstream (default 10)")
+    _common(sub)
+
+
+def _cipher_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("-m", "--method", help=f"cipher (default {DEFAULT_METHOD})")
+    sub.add_argument("-k", "--password", help="shared password")
+    sub.add_argument("--key", help="base64 master key, instead of a password")
+
+
+def _allow_private(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--allow-private", action="store_true", default=None, help="allow targets on loopback, private and link-local addresses")
+
+
+def _preparse(argv: list[str]) -> tuple[list[str], str | None]:
+    """--plugin and -c must be known before the full parser exists (plugins add options)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    pre.add_argument("-c", "--config")
+    known, _ = pre.parse_known_args(argv)
+    return known.plugin, known.config
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _config(role: str, args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any], **extra: Any) -> Config:
+    flags = {key: getattr(args, key, None) for key in _CONFIG_FLAGS}
+    flags["plugins"] = args.plugin or None
+    flags.update(extra)
+    return build_config(role, file, flags, ciphers=pm.ciphers(), handlers=pm.handlers(), options=args)
+
+
+def _run_local(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:
+    return _serve(pm, [_config("local", args, pm, file)])
+
+
+def _run_remote(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:
+    return _serve(pm, [_config("remote", args, pm, file)])
+
+
+def _run_serve(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:
+    return _serve(pm, [_config("serve", args, pm, file)])
+
+
+def _run_demo(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:
+    password = secrets.token_urlsafe(16)
+    ciphers, handlers = pm.ciphers(), pm.handlers()
+    common = {"method": args.method, "password": password, "plugins": args.plugin or None}
+    remote = build_config("remote", {}, {**common, "listen": "127.0.0.1:0", "allow_private": True}, ciphers=ciphers, handlers=handlers, options=args)
+    runner = Runner(pm)
+    with _stopping(runner):
+        (remote_server,) = runner.start(remote)
+        local_flags = {**common, "server": str(remote_server.address), "listen": args.listen or "127.0.0.1:1080"}
+        local = build_config("local", {}, local_flags, ciphers=ciphers, handlers=handlers, options=args)
+        try:
+            (local_server,) = runner.start(local)
+        except ConfigError:
+            if args.listen:
+                raise
+            log.warning("127.0.0.1:1080 is taken; the SOCKS5 proxy takes a free port instead")
+            local = build_config("local", {}, {**local_flags, "listen": "127.0.0.1:0"}, ciphers=ciphers, handlers=handlers, options=args)
+            (local_server,) = runner.start(local)
+        socks = local_server.address
+        url = format_ss_url(remote.method or "", password, remote_server.address, "relay-demo")
+        print(
+            "relay demo: a remote and a local relay on loopback; Ctrl-C stops both.\n"
+            f"  SOCKS5 proxy   {socks}\n"
+            f"  remote         {url}\n"
+            f"  try            curl --socks5-hostname {socks} http://127.0.0.1:8000/\n"
+            "                 (with a web server there, e.g. python3 -m http.server 8000)",
+            flush=True,
+        )
+        _wait_for_signal()
+    return 0
+
+
+def _run_plugins(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:
+    infos = pm.describe()
+    width = max(len(i.name) for i in infos)
+    source_width = max(len(i.source) for i in infos)
+    print("plugins:")
+    for info in infos:
+        print(f"  {info.name:<{width}}  {info.source:<{source_width}}  {info.version:<8}  {info.module}")
+        print(f"  {'':<{width}}  hooks: {', '.join(info.hooks) or '-'}")
+    print("handlers:")
+    for name, spec in sorted(pm.handlers().items()):
+        print(f"  {name:<12} {spec.description}")
+    print("ciphers:")
+    print("  " + ", ".join(sorted(pm.ciphers())))
+    return 0
+
+
+def _serve(pm: RelayPluginManager, configs: list[Config]) -> int:
+    runner = Runner(pm)
+    with _stopping(runner):
+        for config in configs:
+            runner.start(config)
+        _wait_for_signal()
+    return 0
+
+
+class _stopping:
+    """Stop the runner however the block ends."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def __enter__(self) -> Runner:
+        return self.runner
+
+    def __exit__(self, *exc: object) -> None:
+        self.runner.stop()
+        log.info("stopped")
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+
+    def handle(signum: int, frame: Any) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    while not stop.wait(1.0):
+        pass

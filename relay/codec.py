@@ -1,0 +1,73 @@
+"""The per-chunk contract between the pump and whatever transforms a stream.
+
+A session's bytes move in a loop of plain calls (see relay.pump)::
+
+    n = sock.recv_into(decoder.recv_buffer())
+    plaintext = decoder.received(n)          # may be empty: a frame is not complete yet
+    peer.sendall(encoder.encode(plaintext))  # whole frames, one send
+
+Decoders own their receive buffer so that a cipher can decrypt in place of a copy; the
+memoryviews they hand out are valid until their next call. ``None`` as an encoder means
+"send as is". Nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+__all__ = ["StreamDecoder", "StreamEncoder", "Cipher", "PlainDecoder", "DEFAULT_BUFFER_SIZE"]
+
+DEFAULT_BUFFER_SIZE = 256 * 1024
+
+
+@runtime_checkable
+class StreamDecoder(Protocol):
+    def recv_buffer(self) -> memoryview:
+        """Where the next ``recv_into`` should write."""
+
+    def received(self, nbytes: int) -> memoryview:
+        """Account for ``nbytes`` written to the last ``recv_buffer``; return the plaintext now ready."""
+
+    def eof(self) -> None:
+        """The peer closed; raise ``ProtocolError`` if that cut a frame in half."""
+
+
+@runtime_checkable
+class StreamEncoder(Protocol):
+    def encode(self, data: memoryview | bytes) -> memoryview | bytes:
+        """Frame ``data`` for the wire; the result is valid until the next call."""
+
+
+@runtime_checkable
+class Cipher(Protocol):
+    """A Shadowsocks method, as a cipher plugin registers it (see relay.hookspecs)."""
+
+    name: str
+    key_size: int
+
+    def key_from_password(self, password: str) -> bytes:
+        """The master key for a password."""
+
+    def encryptor(self, key: bytes) -> StreamEncoder:
+        """A fresh stream encryptor with a random salt; its first output starts with the salt."""
+
+    def decryptor(self, key: bytes) -> StreamDecoder:
+        """A fresh stream decryptor; it reads the salt first."""
+
+
+class PlainDecoder:
+    """The identity decoder: one fixed buffer, handed out again and again."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self, capacity: int = DEFAULT_BUFFER_SIZE) -> None:
+        self._view = memoryview(bytearray(capacity))
+
+    def recv_buffer(self) -> memoryview:
+        return self._view
+
+    def received(self, nbytes: int) -> memoryview:
+        return self._view[:nbytes]
+
+    def eof(self) -> None:
+        pass

@@ -1,0 +1,292 @@
+"""Settings of one relay, from a shadowsocks-libev JSON file and command-line flags. Pure code.
+
+The JSON keys are shadowsocks-libev's, accepted unchanged::
+
+    server, server_port        remote: where to listen; local: where the remote is
+    local_address, local_port  local: where to listen (default 127.0.0.1:1080)
+    password (or key, base64)  method (default chacha20-ietf-poly1305)
+    timeout (seconds, default 300)    mode (tcp_only, tcp_and_udp, udp_only)
+
+and relay's own: allow_private, protocol, forward (or libev's tunnel_address), handler,
+connect_timeout, plugins. A flag given on the command line wins over the file. Every problem
+raises ConfigError with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .address import Address, parse_host_port, parse_port
+from .codec import Cipher
+from .errors import ConfigError
+from .hookspecs import HandlerSpec
+
+__all__ = ["Config", "Role", "build_config", "load_file", "DEFAULT_METHOD"]
+
+DEFAULT_METHOD = "chacha20-ietf-poly1305"
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+MODES = ("tcp_only", "tcp_and_udp", "udp_only")
+
+# Role -> default listen address and default handler (the session's front-end).
+Role = str
+_DEFAULT_LISTEN = {"local": "127.0.0.1:1080", "remote": "0.0.0.0:8388", "serve": "127.0.0.1:9999"}
+_DEFAULT_PROTOCOL = {"local": "socks5", "remote": "shadowsocks"}
+
+# Keys shadowsocks-libev knows that relay does not act on: accepted, so a libev file works as is.
+_LIBEV_IGNORED = frozenset(
+    "fast_open reuse_port no_delay nameserver user workers acl ipv6_first dscp mtu mptcp "
+    "manager_address port_password local_ipv4_address local_ipv6_address use_syslog remarks "
+    "verbose disable_sni".split()
+)
+_KNOWN = frozenset(
+    "server server_port local_address local_port password key method timeout mode plugin "
+    "plugin_opts tunnel_address allow_private protocol forward handler connect_timeout "
+    "handshake_timeout plugins".split()
+)
+
+# Pre-AEAD methods: recognised only to say why they are refused.
+_INSECURE_METHODS = frozenset(
+    "table rc4 rc4-md5 rc4-md5-6 aes-128-cfb aes-192-cfb aes-256-cfb aes-128-ctr aes-192-ctr "
+    "aes-256-ctr aes-128-ofb aes-192-ofb aes-256-ofb bf-cfb camellia-128-cfb camellia-192-cfb "
+    "camellia-256-cfb cast5-cfb des-cfb idea-cfb rc2-cfb seed-cfb salsa20 chacha20 chacha20-ietf "
+    "none plain".split()
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved settings of one relay: names are already looked up, keys already derived."""
+
+    role: Role
+    listen: tuple[Address, ...]
+    handler: HandlerSpec
+    """What answers accepted connections: a local's protocol, the remote's shadowsocks, serve's handler."""
+    upstream_handler: HandlerSpec | None = None
+    """A remote's ``--handler``: answers tunnelled streams instead of connecting out."""
+    server: Address | None = None
+    forward: Address | None = None
+    method: str | None = None
+    cipher: Cipher | None = None
+    key: bytes = field(default=b"", repr=False)
+    password: str | None = field(default=None, repr=False)
+    timeout: float = DEFAULT_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    allow_private: bool = False
+    mode: str = "tcp_only"
+    plugins: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    file: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    options: argparse.Namespace = field(default_factory=argparse.Namespace, repr=False)
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a JSON config file; ConfigError with the path and the line on any problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def build_config(
+    role: Role,
+    file: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    *,
+    ciphers: Mapping[str, Cipher],
+    handlers: Mapping[str, HandlerSpec],
+    options: argparse.Namespace | None = None,
+) -> Config:
+    """Merge ``flags`` (values that are not None win) over ``file`` and check the result.
+
+    ``flags`` keys: listen, server, method, password, key, timeout, connect_timeout, mode,
+    protocol, forward, handler, allow_private, plugins. ``ciphers`` and ``handlers`` are what the
+    plugins registered.
+    """
+    file = dict(file or {})
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and v != []}
+    warnings = _check_keys(file)
+
+    def pick(key: str, default: Any = None) -> Any:
+        return flags.get(key, file.get(key, default))
+
+    listen = _listen(role, file, flags)
+    server = None
+    if role == "local":
+        server = _server(file, flags)
+
+    handler_name = pick("protocol") if role == "local" else None
+    handler_name = handler_name or _DEFAULT_PROTOCOL.get(role)
+    upstream_name = pick("handler")
+    if role == "serve":
+        handler_name, upstream_name = upstream_name or "echo", None
+    handler = _handler(handlers, handler_name, "protocol" if role == "local" else "handler")
+    upstream_handler = _handler(handlers, upstream_name, "handler") if upstream_name else None
+
+    forward = pick("forward") or file.get("tunnel_address")
+    if forward is not None:
+        forward = _address(forward, "forward")
+    if handler.name == "tunnel" and forward is None:
+        raise ConfigError('tunnel protocol needs a target: give --forward HOST:PORT or "forward" in the config file')
+
+    method = cipher = None
+    key = b""
+    password = None
+    if role in ("local", "remote"):
+        method = str(pick("method", DEFAULT_METHOD)).lower()
+        cipher = _cipher(ciphers, method)
+        password = pick("password")
+        key_text = pick("key")
+        if key_text:
+            key = _base64_key(key_text, cipher)
+        elif password:
+            if not isinstance(password, str):
+                raise ConfigError('"password" must be a string')
+            key = cipher.key_from_password(password)
+        else:
+            raise ConfigError('a password is required: give --password or "password" in the config file')
+
+    plugin_opt = file.get("plugin")
+    if plugin_opt:
+        raise ConfigError(f'"plugin": SIP003 plugins ({plugin_opt!r}) are not supported by relay')
+
+    mode = pick("mode", "tcp_only")
+    if mode not in MODES:
+        raise ConfigError(f'"mode" must be one of {", ".join(MODES)}, not {mode!r}')
+    if mode != "tcp_only":
+        warnings.append(f'"mode": {mode} asks for UDP, which this version does not relay yet; relaying TCP only')
+
+    plugins = pick("plugins", ())
+    if isinstance(plugins, str) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError('"plugins" must be a list of module names')
+
+    return Config(
+        role=role,
+        listen=listen,
+        handler=handler,
+        upstream_handler=upstream_handler,
+        server=server,
+        forward=forward,
+        method=method,
+        cipher=cipher,
+        key=key,
+        password=password,
+        timeout=_seconds(pick("timeout", DEFAULT_TIMEOUT), "timeout"),
+        connect_timeout=_seconds(pick("connect_timeout", DEFAULT_CONNECT_TIMEOUT), "connect_timeout"),
+        handshake_timeout=_seconds(pick("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT), "handshake_timeout"),
+        allow_private=_bool(pick("allow_private", False), "allow_private"),
+        mode=mode,
+        plugins=tuple(plugins),
+        warnings=tuple(warnings),
+        file=file,
+        options=options or argparse.Namespace(),
+    )
+
+
+def _check_keys(file: Mapping[str, Any]) -> list[str]:
+    return [f"config key {key!r} is unknown and ignored" for key in file if key not in _KNOWN | _LIBEV_IGNORED]
+
+
+def _listen(role: Role, file: Mapping[str, Any], flags: Mapping[str, Any]) -> tuple[Address, ...]:
+    if "listen" in flags:
+        return (_address(flags["listen"], "listen"),)
+    if role == "local" and ("local_address" in file or "local_port" in file):
+        host = file.get("local_address", "127.0.0.1")
+        port = _port(file.get("local_port", 1080), "local_port")
+        return tuple(Address(h, port) for h in _hosts(host, "local_address"))
+    if role == "remote" and ("server" in file or "server_port" in file):
+        port = _port(file.get("server_port", 8388), "server_port")
+        return tuple(Address(h, port) for h in _hosts(file.get("server", "0.0.0.0"), "server"))
+    return (_address(_DEFAULT_LISTEN[role], "listen"),)
+
+
+def _server(file: Mapping[str, Any], flags: Mapping[str, Any]) -> Address:
+    if "server" in flags:
+        return _address(flags["server"], "server")
+    if "server" not in file:
+        raise ConfigError('a local needs its remote: give --server HOST:PORT or "server" and "server_port" in the config file')
+    hosts = _hosts(file["server"], "server")
+    if "server_port" not in file:
+        raise ConfigError('"server_port" is missing from the config file')
+    return Address(hosts[0], _port(file["server_port"], "server_port"))
+
+
+def _hosts(value: Any, key: str) -> list[str]:
+    hosts = [value] if isinstance(value, str) else value
+    if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError(f'"{key}" must be a host name or address (or a list of them), not {value!r}')
+    return hosts
+
+
+def _address(value: Any, key: str) -> Address:
+    if not isinstance(value, str):
+        raise ConfigError(f'"{key}" must be a "HOST:PORT" string, not {value!r}')
+    try:
+        return parse_host_port(value, what=key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _port(value: Any, key: str) -> int:
+    try:
+        return parse_port(value, what=key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _seconds(value: Any, key: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f'"{key}" must be a number of seconds, not {value!r}') from None
+    if isinstance(value, bool) or not 0 < seconds < 10**7:
+        raise ConfigError(f'"{key}" must be a positive number of seconds, not {value!r}')
+    return seconds
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f'"{key}" must be true or false, not {value!r}')
+    return value
+
+
+def _cipher(ciphers: Mapping[str, Cipher], method: str) -> Cipher:
+    if method in ciphers:
+        return ciphers[method]
+    if method in _INSECURE_METHODS:
+        raise ConfigError(f"method {method!r} is a stream cipher without authentication: insecure and refused; use an AEAD method such as {DEFAULT_METHOD}")
+    known = ", ".join(sorted(ciphers)) or "none: is the shadowsocks plugin installed?"
+    raise ConfigError(f"unknown method {method!r} (known: {known})")
+
+
+def _base64_key(text: Any, cipher: Cipher) -> bytes:
+    try:
+        key = base64.b64decode(str(text), altchars=b"-_" if ("-" in str(text) or "_" in str(text)) else None, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError('"key" must be base64') from None
+    if len(key) != cipher.key_size:
+        raise ConfigError(f'"key" must be {cipher.key_size} bytes for {cipher.name}, got {len(key)}')
+    return key
+
+
+def _handler(handlers: Mapping[str, HandlerSpec], name: Any, key: str) -> HandlerSpec:
+    if name in handlers:
+        return handlers[name]
+    known = ", ".join(sorted(handlers)) or "none"
+    raise ConfigError(f"unknown {key} {name!r} (known: {known})")

@@ -1,0 +1,32 @@
+"""An endpoint: one socket of a session, and how its bytes are framed."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .address import Address
+from .codec import StreamDecoder, StreamEncoder
+
+__all__ = ["Endpoint"]
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """A connected socket as the pump sees it.
+
+    ``decoder`` turns what arrives on ``sock`` into plaintext and ``encoder`` frames plaintext
+    before it is sent on ``sock`` (``None``: plain bytes). ``first_flight`` is plaintext that must
+    go out on ``sock`` before anything else; the pump sends it together with the first data from
+    the other side when that arrives promptly (a Shadowsocks client's target header).
+    ``bound`` is the local address of the outgoing connection, for a SOCKS5 reply. ``on_close``
+    runs once after the pump closed ``sock``.
+    """
+
+    sock: socket.socket
+    decoder: StreamDecoder | None = None
+    encoder: StreamEncoder | None = None
+    first_flight: bytes | None = None
+    bound: Address | None = None
+    on_close: Callable[[], None] | None = field(default=None, repr=False)

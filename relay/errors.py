@@ -1,0 +1,50 @@
+"""The one error tree of relay.
+
+    RelayError
+     +-- ConfigError        a user's settings are wrong; the CLI prints one line and exits 2
+     +-- TargetRefused      the policy (or a plugin) will not let a session reach its target
+     +-- ProtocolError      a peer sent bytes that break the protocol
+          +-- Socks5Error   ... and SOCKS5 has a reply code for it
+          +-- DecryptError  ... an AEAD tag did not verify (wrong key, tampering, a probe)
+
+OSError stays OSError: it is translated once, where a socket is used (see relay.server).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RelayError",
+    "ConfigError",
+    "TargetRefused",
+    "ProtocolError",
+    "Socks5Error",
+    "DecryptError",
+]
+
+
+class RelayError(Exception):
+    """Base class of every error relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    """Invalid configuration: a one-line message naming the key and the problem."""
+
+
+class TargetRefused(RelayError):
+    """A session's target is not allowed (private address, plugin veto)."""
+
+
+class ProtocolError(RelayError):
+    """A peer violated the wire protocol."""
+
+
+class Socks5Error(ProtocolError):
+    """A SOCKS5 failure that has a reply code (RFC 1928 section 6)."""
+
+    def __init__(self, reply_code: int, message: str) -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
+
+
+class DecryptError(ProtocolError):
+    """An AEAD chunk failed authentication."""

@@ -1,0 +1,143 @@
+"""The plugin contract of relay: every hook a plugin may implement.
+
+A plugin is a module (or object) with functions marked ``@relay.hookimpl`` whose names are hooks
+below. Plugins load from the ``relay.plugins`` entry-point group (the bundled ones too) or from
+``--plugin MODULE``. Hooks are called with keyword arguments, so an implementation may accept
+only the arguments it needs.
+
+Two kinds of hooks:
+
+* registration hooks run once, when a relay starts: ``relay_register_handlers``,
+  ``relay_register_ciphers``, ``relay_add_arguments``, ``relay_configure``;
+* session hooks run once per session: ``relay_session_started``, ``relay_target_chosen``,
+  ``relay_open_upstream``, ``relay_session_finished``.
+
+No hook runs per chunk of data: per-chunk work is done by the objects a hook returns (a cipher's
+encoder and decoder, an upstream's socket), which the pump calls directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socketserver
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .address import Address
+    from .codec import Cipher
+    from .config import Config
+    from .endpoint import Endpoint
+    from .session import Session
+
+PROJECT = "relay"
+ENTRY_POINT_GROUP = "relay.plugins"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = ["hookspec", "hookimpl", "HandlerSpec", "ENTRY_POINT_GROUP"]
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """A named handler: what a relay does with an accepted stream session.
+
+    ``handler`` is a ``socketserver.BaseRequestHandler`` subclass, used exactly as socketserver
+    uses one: ``self.request`` is the connected socket, ``self.client_address`` the peer,
+    ``self.server`` the relay's server, and ``setup``/``handle``/``finish`` run in order. relay
+    also sets ``self.session`` (a ``relay.Session``) before ``setup`` runs. Front-end handlers
+    (socks5, tunnel, shadowsocks) subclass ``relay.server.RelayHandler`` to reach the upstream
+    hooks and the pump; terminal handlers (echo, uppercase) answer by themselves.
+    """
+
+    name: str
+    handler: type[socketserver.BaseRequestHandler]
+    description: str = ""
+
+
+@hookspec
+def relay_register_handlers() -> list[HandlerSpec]:
+    """Return the handlers this plugin provides.
+
+    Called once when a relay starts (and by ``relay plugins``). Every result list is merged; two
+    plugins giving the same name is a configuration error. The names are what ``relay serve
+    --handler``, ``relay remote --handler`` and ``relay local --protocol`` accept.
+    """
+
+
+@hookspec
+def relay_register_ciphers() -> list[Cipher]:
+    """Return the Shadowsocks methods this plugin provides.
+
+    Called once when a relay starts. Each item follows ``relay.codec.Cipher``: a ``name`` (what
+    ``--method`` accepts), a ``key_size``, ``key_from_password(password)``, and factories for a
+    stream ``encryptor(key)`` and ``decryptor(key)``. ``relay.aead.Aead2017Cipher`` builds one from
+    an AEAD class, e.g. ``Aead2017Cipher("aes-192-gcm", 24, AESGCM)``.
+    """
+
+
+@hookspec
+def relay_add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add command-line options to ``relay COMMAND``.
+
+    Called once per subcommand parser while the CLI is built; ``command`` is ``"local"``,
+    ``"remote"``, ``"serve"`` or ``"demo"``. The parsed values reach ``relay_configure`` as
+    ``config.options``.
+    """
+
+
+@hookspec
+def relay_configure(config: Config) -> None:
+    """Look at (and check) the final configuration before any socket is opened.
+
+    Called once per relay (a ``relay demo`` runs two: a remote and a local). ``config.options``
+    holds the parsed command line, ``config.file`` the JSON config file's keys. Raise
+    ``relay.ConfigError`` to refuse the configuration; the CLI prints its message on one line and
+    exits with status 2.
+    """
+
+
+@hookspec
+def relay_session_started(session: Session) -> None:
+    """A session was accepted; ``session.client`` is the peer's address.
+
+    Called in the session's own thread before its handler runs. Raising ends this session only
+    (the traceback is logged once).
+    """
+
+
+@hookspec
+def relay_target_chosen(session: Session, target: Address) -> None:
+    """The session's handler has chosen a target (from SOCKS5, the tunnel setting, or the
+    Shadowsocks request header).
+
+    Called before ``relay_open_upstream``. Raise ``relay.TargetRefused`` to refuse the target:
+    a SOCKS5 client is answered "connection not allowed by ruleset".
+    """
+
+
+@hookspec(firstresult=True)
+def relay_open_upstream(session: Session, target: Address) -> Endpoint | None:
+    """Open the connection the session's bytes go to, and return it as a ``relay.Endpoint``.
+
+    The first non-None result wins. The shadowsocks plugin answers on a local relay (an
+    encrypted connection to the server, the target in its first flight); the core answers last
+    (``trylast``): with the configured terminal handler on a remote started with ``--handler``,
+    else with a direct TCP connection after the private-address policy checked every resolved
+    address. Return ``None`` to let the next implementation decide; raise ``TargetRefused`` or
+    ``OSError`` to fail the session.
+    """
+
+
+@hookspec
+def relay_session_finished(session: Session, error: BaseException | None) -> None:
+    """The session is over and its sockets are closed.
+
+    Called once for every session that ``relay_session_started`` saw, in its thread. ``error``
+    is what ended it abnormally (a ``ProtocolError``, ``TargetRefused``, ``OSError``,
+    ``TimeoutError`` for the idle timeout), or ``None`` after a clean close both ways.
+    ``session.bytes_up`` / ``session.bytes_down`` count the payload moved.
+    """

@@ -1,0 +1,89 @@
+"""Socket helpers: the one place where names are resolved, addresses checked and sockets tuned."""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+from collections.abc import Callable
+
+from .address import Address
+from .errors import TargetRefused
+
+__all__ = ["connect_tcp", "tune", "set_io_timeout", "wait_readable", "shutdown_quietly", "close_quietly"]
+
+Check = Callable[[str], "str | None"]
+
+
+def connect_tcp(target: Address, timeout: float, check: Check | None = None) -> socket.socket:
+    """Resolve ``target`` once, and connect to the first address that ``check`` allows.
+
+    ``check(ip)`` returns why an address is forbidden, or None. The socket that comes back is
+    connected to an address that was checked, never to a name resolved again. Raises
+    ``TargetRefused`` when every address is forbidden, ``socket.gaierror`` when the name does not
+    resolve, and the last connect error otherwise.
+    """
+    infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    refused: list[str] = []
+    last_error: OSError | None = None
+    for family, kind, proto, _, sockaddr in infos:
+        ip = str(sockaddr[0])
+        reason = check(ip) if check else None
+        if reason:
+            refused.append(f"{ip} ({reason})")
+            continue
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            sock.settimeout(None)
+        except OSError as e:
+            sock.close()
+            last_error = e
+            continue
+        tune(sock)
+        return sock
+    if last_error is not None:
+        raise last_error
+    raise TargetRefused(f"{target.host} is forbidden: {', '.join(refused)}; start the remote with --allow-private to allow it")
+
+
+def tune(sock: socket.socket) -> None:
+    """Whole frames go out in one send, so Nagle's algorithm would only add latency."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not TCP (a socketpair standing in for a handler)
+
+
+def set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Kernel-side receive and send timeouts on a blocking socket.
+
+    A blocked recv or send then fails with EAGAIN (``BlockingIOError``) after ``seconds``, which
+    costs nothing per call, unlike ``settimeout`` that polls before every operation.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def wait_readable(sock: socket.socket, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+def shutdown_quietly(sock: socket.socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already closed or reset: nothing left to tell the peer
+
+
+def close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass

@@ -1,0 +1,236 @@
+"""The socketserver core: listening servers, the session life cycle, and the front-end base class.
+
+Classes for the caller:
+    RelayServer     a ThreadingTCPServer that runs one relay's handler for every connection
+    RelayHandler    base class of front-end handlers (socks5, tunnel, shadowsocks): adds
+                    ``open_upstream`` (the upstream hooks) and ``relay`` (the pump)
+
+Every accepted connection becomes a Session: ``relay_session_started`` fires, the handler class
+runs as socketserver runs it (setup, handle, finish), ``relay_session_finished`` fires, and one
+log line says how the session ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import threading
+from typing import Any
+
+from .address import Address
+from .config import Config
+from .endpoint import Endpoint
+from .errors import ProtocolError, RelayError, TargetRefused
+from .net import close_quietly, shutdown_quietly, tune
+from .protocol import NEED_DATA, SansIO
+from .pump import relay as pump_relay
+from .session import Session
+
+__all__ = ["RelayServer", "RelayHandler", "run_handler", "start_terminal_handler", "log"]
+
+log = logging.getLogger("relay")
+
+BACKLOG = 1024
+
+
+class RelayServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """One listening socket of a relay.
+
+    Methods for the caller: ``serve_forever()``, ``shutdown()``, ``server_close()`` (socketserver's)
+    and ``close_sessions()``, which ends every live session.
+
+    Class variables: socketserver's, set for a proxy: daemon threads, a large listen backlog,
+    SO_REUSEADDR, and no joining of session threads on close (``close_sessions`` ends them).
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = BACKLOG
+
+    def __init__(self, config: Config, hook: Any, address: Address) -> None:
+        self.config = config
+        self.hook = hook
+        self._live: set[socket.socket] = set()
+        self._live_lock = threading.Lock()
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        self.address_family = infos[0][0]
+        super().__init__(infos[0][4][:2], config.handler.handler)
+
+    @property
+    def address(self) -> Address:
+        host, port = self.server_address[:2]
+        return Address(str(host), int(port))
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, client_address = super().get_request()
+        tune(conn)
+        return conn, client_address
+
+    def finish_request(self, request: socket.socket, client_address: Any) -> None:
+        run_handler(self, self.RequestHandlerClass, request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("unexpected error in the session from %s", _format_peer(client_address))
+
+    def track(self, sock: socket.socket) -> None:
+        with self._live_lock:
+            self._live.add(sock)
+
+    def untrack(self, sock: socket.socket) -> None:
+        with self._live_lock:
+            self._live.discard(sock)
+
+    @property
+    def live_sessions(self) -> int:
+        with self._live_lock:
+            return len(self._live)
+
+    def close_sessions(self) -> None:
+        """Shut every live socket down: the sessions' threads wake up and end."""
+        with self._live_lock:
+            live = list(self._live)
+        for sock in live:
+            shutdown_quietly(sock, socket.SHUT_RDWR)
+
+
+class RelayHandler(socketserver.BaseRequestHandler):
+    """Base class of handlers that find a target and relay to it.
+
+    Methods for subclasses:
+        next_event(protocol)   drive a sans-I/O protocol object until it has an event
+        open_upstream(target)  run the target hooks, return the upstream Endpoint
+        relay(upstream, ...)   pump bytes between the client and the upstream until the end
+
+    ``self.session`` is set before ``setup``; ``self.error`` is what ended the relay abnormally.
+    While ``handle`` runs before ``relay``, the client socket has the handshake timeout.
+    """
+
+    session: Session
+    server: RelayServer
+    error: BaseException | None = None
+
+    def next_event(self, protocol: SansIO) -> Any:
+        while True:
+            event = protocol.next_event()
+            if event is not NEED_DATA:
+                return event
+            protocol.receive_data(self.request.recv(4096))
+
+    def open_upstream(self, target: Address) -> Endpoint:
+        session = self.session
+        session.target = target
+        hook = self.server.hook
+        hook.relay_target_chosen(session=session, target=target)
+        upstream = hook.relay_open_upstream(session=session, target=target)
+        if upstream is None:
+            raise RelayError("no plugin opened an upstream (is the core plugin registered?)")
+        return upstream
+
+    def relay(self, upstream: Endpoint, decoder: Any = None, encoder: Any = None, early: bytes = b"") -> None:
+        """Pump until the session ends. ``decoder``/``encoder`` frame the client's side;
+        ``early`` is client data the handshake already read past, sent upstream first."""
+        session = self.session
+        self.server.track(upstream.sock)
+        try:
+            if early and upstream.first_flight is not None:
+                upstream.first_flight += early
+            elif early:
+                upstream.sock.sendall(upstream.encoder.encode(early) if upstream.encoder else early)
+            result = pump_relay(
+                Endpoint(self.request, decoder, encoder),
+                upstream,
+                timeout=session.config.timeout,
+                name=f"session-{session.id}",
+            )
+        finally:
+            self.server.untrack(upstream.sock)
+        session.bytes_up, session.bytes_down = result.bytes_up + len(early), result.bytes_down
+        self.error = result.error
+
+
+def run_handler(
+    server: RelayServer,
+    handler_class: type[socketserver.BaseRequestHandler],
+    request: socket.socket,
+    client_address: Any,
+    session: Session | None = None,
+) -> None:
+    """Run ``handler_class`` on ``request`` as socketserver would, inside a session.
+
+    Without ``session``, a new one is opened with the session hooks and closed with one log
+    line. With one (a terminal handler answering a remote's tunnelled stream), the handler just
+    runs in it.
+    """
+    config = server.config
+    owner = session is None
+    if session is None:
+        session = Session(config=config, client=Address(*client_address[:2]), server=server)
+    error: BaseException | None = None
+    server.track(request)
+    try:
+        if owner:
+            server.hook.relay_session_started(session=session)
+        is_front_end = issubclass(handler_class, RelayHandler)
+        request.settimeout(config.handshake_timeout if is_front_end else config.timeout)
+        handler = handler_class.__new__(handler_class)
+        handler.session = session  # type: ignore[attr-defined]
+        handler_class.__init__(handler, request, client_address, server)
+        error = getattr(handler, "error", None)
+    except Exception as e:  # noqa: BLE001 - a session's failure ends that session only
+        error = e
+    finally:
+        server.untrack(request)
+    if owner:
+        _log_end(session, error)
+        try:
+            server.hook.relay_session_finished(session=session, error=error)
+        except Exception:  # noqa: BLE001
+            log.exception("%s: relay_session_finished hook failed", session)
+    elif error is not None:
+        log.warning("%s: handler %s failed: %s", session, handler_class.__name__, _describe(error))
+
+
+def _log_end(session: Session, error: BaseException | None) -> None:
+    summary = f"{session}: {session.bytes_up} B up, {session.bytes_down} B down, {session.duration:.1f} s"
+    if error is None:
+        log.info("%s", summary)
+    elif isinstance(error, (ProtocolError, TargetRefused)):
+        log.warning("%s: %s", summary, _describe(error))
+    elif isinstance(error, (OSError, RelayError)):
+        log.info("%s: %s", summary, _describe(error))
+    else:
+        log.error("%s: %s", summary, _describe(error), exc_info=error)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if not isinstance(error, RelayError) else text
+
+
+def _format_peer(address: Any) -> str:
+    try:
+        return str(Address(*address[:2]))
+    except TypeError:
+        return repr(address)
+
+
+def start_terminal_handler(session: Session, handler_class: type[socketserver.BaseRequestHandler]) -> Endpoint:
+    """Run a terminal handler (echo, uppercase...) for ``session`` in a thread, on one end of a
+    socket pair, and return the other end as the session's upstream."""
+    ours, theirs = socket.socketpair()
+
+    def serve() -> None:
+        try:
+            run_handler(session.server, handler_class, theirs, tuple(session.client), session)
+        finally:
+            shutdown_quietly(theirs, socket.SHUT_RDWR)
+            close_quietly(theirs)
+
+    threading.Thread(target=serve, name=f"session-{session.id}-{handler_class.__name__}", daemon=True).start()
+    return Endpoint(ours)

@@ -1,0 +1,30 @@
+"""The core's own plugin: the last word on where a session's bytes go.
+
+Registered by the plugin manager under the name ``core``. Being ``trylast``, any plugin can
+answer ``relay_open_upstream`` before it (the shadowsocks plugin does, on a local relay).
+"""
+
+from __future__ import annotations
+
+from .address import Address
+from .endpoint import Endpoint
+from .hookspecs import hookimpl
+from .net import connect_tcp
+from .policy import forbidden_reason
+from .server import start_terminal_handler
+from .session import Session
+
+__all__ = ["relay_open_upstream"]
+
+
+@hookimpl(trylast=True)
+def relay_open_upstream(session: Session, target: Address) -> Endpoint:
+    """A remote's ``--handler`` answers the stream itself; otherwise dial the target directly,
+    checking every address it resolves to against the private-address policy."""
+    config = session.config
+    if config.upstream_handler is not None:
+        return start_terminal_handler(session, config.upstream_handler.handler)
+    check = None if config.allow_private else forbidden_reason
+    sock = connect_tcp(target, config.connect_timeout, check)
+    host, port = sock.getsockname()[:2]
+    return Endpoint(sock, bound=Address(str(host), int(port)))
