@@ -1,0 +1,118 @@
+"""Helpers for testing relays and plugins on loopback: a SOCKS5 client, throwaway target
+servers, and relays started in-process. Used by relay's own suite; plugin authors may use them."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from .address import Address, encode_address
+from .config import Config, build_config
+from .errors import Socks5Error
+from .plugin_manager import RelayPluginManager, get_plugin_manager
+from .runner import Runner
+from .server import RelayServer
+
+__all__ = ["socks5_connect", "serve_in_thread", "start_relay", "make_config", "recv_exactly", "recv_until_eof"]
+
+
+def socks5_connect(proxy: Address, target: Address, timeout: float = 10.0) -> socket.socket:
+    """Connect through a SOCKS5 proxy without authentication; raise Socks5Error on a failure reply."""
+    sock = socket.create_connection(tuple(proxy), timeout=timeout)
+    try:
+        sock.sendall(b"\x05\x01\x00")
+        if recv_exactly(sock, 2) != b"\x05\x00":
+            raise Socks5Error(0xFF, "proxy refused our methods")
+        sock.sendall(b"\x05\x01\x00" + encode_address(target))
+        head = recv_exactly(sock, 4)
+        if head[1] != 0:
+            raise Socks5Error(head[1], f"proxy replied {head[1]:#04x}")
+        rest = {1: 4, 4: 16}.get(head[3])
+        recv_exactly(sock, (rest if rest is not None else recv_exactly(sock, 1)[0]) + 2)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"EOF after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def recv_until_eof(sock: socket.socket, limit: int = 1 << 30) -> bytes:
+    data = bytearray()
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+        if len(data) > limit:
+            raise AssertionError(f"more than {limit} bytes")
+    return bytes(data)
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+
+@contextlib.contextmanager
+def serve_in_thread(handler: type[socketserver.BaseRequestHandler], host: str = "127.0.0.1") -> Iterator[Address]:
+    """A plain stdlib ThreadingTCPServer (not relay's) on an ephemeral port, for the life of the block."""
+    server_class = _Server
+    if ":" in host:
+        server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    server = server_class((host, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield Address(host, server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def make_config(
+    role: str,
+    pm: RelayPluginManager | None = None,
+    file: Mapping[str, Any] | None = None,
+    **flags: Any,
+) -> Config:
+    """``build_config`` with the plugins' ciphers and handlers; listens on an ephemeral loopback port by default."""
+    pm = pm or get_plugin_manager()
+    flags.setdefault("listen", "127.0.0.1:0")
+    for key in ("server", "forward", "listen"):
+        if isinstance(flags.get(key), Address):
+            flags[key] = str(flags[key])
+    return build_config(role, file, flags, ciphers=pm.ciphers(), handlers=pm.handlers())
+
+
+@contextlib.contextmanager
+def start_relay(config: Config, pm: RelayPluginManager | None = None) -> Iterator[RelayServer]:
+    """Run one relay in-process for the life of the block; yields its (first) server."""
+    runner = Runner(pm or get_plugin_manager())
+    try:
+        servers = runner.start(config)
+        yield servers[0]
+    finally:
+        runner.stop()
+
+
+def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)

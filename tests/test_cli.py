@@ -1,0 +1,218 @@
+"""The command line, run as a user runs it: subprocesses, real ports, signals."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import find_binary, relay_command, subprocess_env
+from relay import Address
+from relay.testing import recv_until_eof, socks5_connect
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(*args: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*relay_command(), *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env(), **kwargs)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"relay exited with {proc.returncode}: {proc.stderr.read()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+@contextlib.contextmanager
+def relay_process(*args: str, port: int, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen([*relay_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or subprocess_env())
+    try:
+        wait_for_port(port, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@contextlib.contextmanager
+def web_server() -> Iterator[int]:
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            body = b"hello from the web server\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_help_and_version():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("local", "remote", "serve", "demo", "plugins"):
+        assert command in result.stdout
+    for command in ("local", "remote", "serve", "demo"):
+        result = run(command, "--help")
+        assert result.returncode == 0 and "--listen" in result.stdout and "--plugin" in result.stdout
+    assert re.match(r"relay \d+\.\d+", run("--version").stdout)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["remote", "--password", "p", "--method", "nope"], "unknown method 'nope'"),
+        (["remote", "--method", "rc4-md5", "--password", "p"], "insecure"),
+        (["remote", "--listen", "127.0.0.1:0"], "password is required"),
+        (["local", "--password", "p", "--server", "127.0.0.1"], "bad server"),
+        (["remote", "--password", "p", "--listen", "127.0.0.1:99999"], "0 to 65535"),
+        (["remote", "--password", "p", "-c", "/nonexistent/config.json"], "cannot read config file"),
+        (["serve", "--handler", "nope"], "unknown handler 'nope'"),
+        (["serve", "--plugin", "no_such_module_anywhere"], "cannot import plugin module"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(args, message):
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_port_in_use_is_a_user_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run("serve", "--listen", f"127.0.0.1:{busy.getsockname()[1]}")
+    assert result.returncode == 2
+    assert "cannot listen on" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_libev_config_files_unchanged_with_flag_overrides(tmp_path: Path):
+    remote_port, local_port = free_port(), free_port()
+    common = {"password": "from the file", "method": "aes-256-gcm", "timeout": 60, "mode": "tcp_only", "fast_open": False}
+    server_json = tmp_path / "server.json"
+    server_json.write_text(json.dumps({"server": "127.0.0.1", "server_port": remote_port, **common}))
+    local_json = tmp_path / "local.json"
+    local_json.write_text(json.dumps({"server": "127.0.0.1", "server_port": remote_port, "local_address": "127.0.0.1", "local_port": 1, **common}))
+    with web_server() as web_port:
+        with relay_process("remote", "-c", str(server_json), "--allow-private", port=remote_port):
+            # --listen overrides local_port from the file
+            with relay_process("local", "-c", str(local_json), "--listen", f"127.0.0.1:{local_port}", port=local_port):
+                with socks5_connect(Address("127.0.0.1", local_port), Address("127.0.0.1", web_port)) as sock:
+                    sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+                    sock.settimeout(10)
+                    assert recv_until_eof(sock).endswith(b"hello from the web server\n")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_with_live_sessions_and_exit_0(signum):
+    port = free_port()
+    with relay_process("serve", "--handler", "echo", "--listen", f"127.0.0.1:{port}", port=port) as proc:
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        try:
+            for client in clients:
+                client.sendall(b"x")
+                assert client.recv(1) == b"x"
+            started = time.monotonic()
+            proc.send_signal(signum)
+            assert proc.wait(5) == 0
+            assert time.monotonic() - started < 4
+            for client in clients:
+                assert client.recv(10) == b""  # sessions were closed
+        finally:
+            for client in clients:
+                client.close()
+        assert "Traceback" not in proc.stderr.read()
+
+
+def test_python_dash_m_serves_uppercase():
+    port = free_port()
+    with relay_process("serve", "--handler", "uppercase", "--listen", f"127.0.0.1:{port}", port=port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"hello world\n")
+            assert sock.recv(1024) == b"HELLO WORLD\n"
+
+
+def test_demo_prints_what_to_run_and_curl_gets_through():
+    curl = find_binary("curl", "curl")
+    port = free_port()
+    with web_server() as web_port, relay_process("demo", "--listen", f"127.0.0.1:{port}", port=port) as proc:
+        lines = [proc.stdout.readline() for _ in range(4)]
+        text = "".join(lines)
+        assert f"127.0.0.1:{port}" in text
+        assert re.search(r"ss://[A-Za-z0-9_-]+@127\.0\.0\.1:\d+#relay-demo", text)
+        assert f"curl --socks5-hostname 127.0.0.1:{port} http://127.0.0.1:8000/" in text
+        result = subprocess.run(
+            [curl, "-sS", "--max-time", "10", "--socks5-hostname", f"127.0.0.1:{port}", f"http://127.0.0.1:{web_port}/"],
+            capture_output=True, text=True, timeout=20,
+        )
+        assert result.stdout == "hello from the web server\n", result.stderr
+        result = subprocess.run(
+            [curl, "-sS", "--max-time", "10", "--socks5-hostname", f"127.0.0.1:{port}", f"http://localhost:{web_port}/"],
+            capture_output=True, text=True, timeout=20,
+        )
+        assert result.stdout == "hello from the web server\n", result.stderr
+
+
+def test_plugins_lists_sources_and_hooks(tmp_path: Path):
+    (tmp_path / "my_relay_plugin.py").write_text(
+        "import relay\n\n@relay.hookimpl\ndef relay_session_started(session):\n    pass\n"
+    )
+    env = subprocess_env()
+    env["PYTHONPATH"] = str(tmp_path)
+    result = subprocess.run([*relay_command(), "plugins", "--plugin", "my_relay_plugin"], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for name in ("shadowsocks", "socks5", "tunnel", "echo", "uppercase"):
+        assert re.search(rf"^  {name}\s+bundled\s", out, re.M), out
+    assert re.search(r"^  core\s+core\s", out, re.M)
+    assert re.search(r"^  my_relay_plugin\s+--plugin\s", out, re.M)
+    assert "relay_session_started" in out and "relay_register_ciphers" in out
+    assert "aes-128-gcm, aes-256-gcm, chacha20-ietf-poly1305" in out
+
+
+def test_misspelled_hook_fails_loudly(tmp_path: Path):
+    (tmp_path / "typo_plugin.py").write_text("import relay\n\n@relay.hookimpl\ndef relay_sesion_started(session):\n    pass\n")
+    env = subprocess_env()
+    env["PYTHONPATH"] = str(tmp_path)
+    result = subprocess.run([*relay_command(), "plugins", "--plugin", "typo_plugin"], capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 2
+    assert "relay_sesion_started" in result.stderr and "Traceback" not in result.stderr

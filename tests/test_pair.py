@@ -1,0 +1,227 @@
+"""A local and a remote relay on loopback, end to end, with real sockets and threads."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import METHODS, relay_pair
+from relay import Address, Socks5Error
+from relay.testing import make_config, recv_exactly, recv_until_eof, socks5_connect, start_relay, wait_until
+
+
+def exchange(sock: socket.socket, payload: bytes) -> bytes:
+    """Send everything (from a thread, so both directions flow), half-close, read to EOF."""
+    sock.settimeout(30)
+    writer = threading.Thread(target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR)))
+    writer.start()
+    try:
+        return recv_until_eof(sock, limit=len(payload) + 1024)
+    finally:
+        writer.join(30)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_socks5_connect_ipv4_each_method(pm, echo_target, method):
+    payload = os.urandom(4 << 20)
+    with relay_pair(pm, method=method) as (local, _):
+        with socks5_connect(local.address, echo_target) as sock:
+            assert hashlib.sha256(exchange(sock, payload)).digest() == hashlib.sha256(payload).digest()
+
+
+def test_socks5_connect_ipv6_and_domain(pm, pair, echo_target, echo_target6):
+    local, _ = pair
+    with socks5_connect(local.address, echo_target6) as sock:
+        assert exchange(sock, b"over IPv6") == b"over IPv6"
+    with socks5_connect(local.address, Address("localhost", echo_target.port)) as sock:
+        assert exchange(sock, b"by name") == b"by name"
+
+
+def test_local_listens_on_ipv6(pm, echo_target):
+    with relay_pair(pm, local={"listen": "[::1]:0"}) as (local, _):
+        assert local.address.host == "::1"
+        with socks5_connect(local.address, echo_target) as sock:
+            assert exchange(sock, b"v6 client") == b"v6 client"
+
+
+def test_half_close_through_the_whole_chain(pm, pair, eof_target):
+    local, _ = pair
+    with socks5_connect(local.address, eof_target) as sock:
+        sock.sendall(b"x" * 100_000)
+        sock.shutdown(socket.SHUT_WR)  # the target answers only after it sees EOF
+        sock.settimeout(10)
+        assert recv_until_eof(sock) == b"got 100000"
+
+
+def test_tunnel_mode(pm, echo_target):
+    with relay_pair(pm, local={"protocol": "tunnel", "forward": echo_target}) as (local, _):
+        with socket.create_connection(tuple(local.address), timeout=10) as sock:
+            assert exchange(sock, b"through the tunnel") == b"through the tunnel"
+
+
+def test_server_speaks_first(pm, echo_target):
+    """The target header goes out on its own when the client says nothing at first."""
+    import socketserver
+
+    from relay.testing import serve_in_thread
+
+    class Banner(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(b"220 hello\r\n")
+            self.request.recv(100)
+
+    with serve_in_thread(Banner) as target, relay_pair(pm) as (local, _):
+        with socks5_connect(local.address, target) as sock:
+            sock.settimeout(5)
+            assert recv_exactly(sock, 11) == b"220 hello\r\n"
+
+
+def socks5_raw(proxy: Address, greeting: bytes, request: bytes | None) -> bytes:
+    with socket.create_connection(tuple(proxy), timeout=5) as sock:
+        sock.sendall(greeting)
+        answer = recv_exactly(sock, 2)
+        if request is not None:
+            sock.sendall(request)
+            answer += recv_until_eof(sock)
+        return answer
+
+
+def test_socks5_reply_codes(pair):
+    local, _ = pair
+    # no acceptable method
+    assert socks5_raw(local.address, b"\x05\x01\x02", None) == b"\x05\xff"
+    # BIND and UDP ASSOCIATE are answered "command not supported"
+    for command in (2, 3):
+        answer = socks5_raw(local.address, b"\x05\x01\x00", bytes((5, command, 0, 1, 127, 0, 0, 1, 0, 80)))
+        assert answer[2:4] == b"\x05\x07"
+    # unknown address type
+    assert socks5_raw(local.address, b"\x05\x01\x00", b"\x05\x01\x00\x09" + bytes(6))[2:4] == b"\x05\x08"
+
+
+def test_socks5_failure_replies_from_a_direct_proxy(pm, echo_target):
+    """`relay serve --handler socks5` dials itself, so it can say why a target failed."""
+    with start_relay(make_config("serve", pm, handler="socks5"), pm) as proxy:
+        with pytest.raises(Socks5Error) as info:
+            socks5_connect(proxy.address, echo_target)
+        assert info.value.reply_code == 2  # loopback: not allowed by the policy
+    with start_relay(make_config("serve", pm, handler="socks5", allow_private=True), pm) as proxy:
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            closed_port = unused.getsockname()[1]
+        with pytest.raises(Socks5Error) as info:
+            socks5_connect(proxy.address, Address("127.0.0.1", closed_port))
+        assert info.value.reply_code == 5  # connection refused
+        with pytest.raises(Socks5Error) as info:
+            socks5_connect(proxy.address, Address("no-such-host.invalid", 80))
+        assert info.value.reply_code == 4  # host unreachable
+        with socks5_connect(proxy.address, echo_target) as sock:
+            assert exchange(sock, b"direct") == b"direct"
+
+
+def test_remote_refuses_private_targets_by_default(pm, echo_target, caplog):
+    caplog.set_level(logging.INFO, logger="relay")
+    with relay_pair(pm, remote={"allow_private": False}) as (local, _):
+        for target in (echo_target, Address("localhost", echo_target.port)):
+            with socks5_connect(local.address, target) as sock:
+                assert exchange(sock, b"secret") == b""  # the remote never connects
+    assert wait_until(lambda: caplog.text.count("is forbidden") >= 2)
+    assert "loopback address" in caplog.text and "--allow-private" in caplog.text
+
+
+def test_remote_handler_answers_tunnelled_streams(pm):
+    with relay_pair(pm, remote={"handler": "uppercase"}) as (local, _):
+        with socks5_connect(local.address, Address("127.0.0.1", 9)) as sock:
+            assert exchange(sock, b"hello world\n") == b"HELLO WORLD\n"
+    with relay_pair(pm, remote={"handler": "echo"}) as (local, _):
+        payload = os.urandom(1 << 20)
+        with socks5_connect(local.address, Address("example.invalid", 9)) as sock:
+            assert exchange(sock, payload) == payload
+
+
+@pytest.mark.parametrize("handler,expected", [("uppercase", b"HELLO WORLD\n"), ("echo", b"hello world\n")])
+def test_serve_classic_handlers(pm, handler, expected):
+    with start_relay(make_config("serve", pm, handler=handler), pm) as server:
+        with socket.create_connection(tuple(server.address), timeout=5) as sock:
+            sock.sendall(b"hello world\n")
+            assert sock.recv(1024) == expected  # the socketserver documentation's client
+
+
+def test_idle_timeout_closes_both_sides(pm, echo_target):
+    with relay_pair(pm, local={"timeout": 0.5}, remote={"timeout": 0.5}) as (local, remote):
+        with socks5_connect(local.address, echo_target) as sock:
+            sock.sendall(b"ping")
+            assert recv_exactly(sock, 4) == b"ping"
+            sock.settimeout(5)
+            started = time.monotonic()
+            assert sock.recv(10) == b""  # closed by the relay, not by us
+            assert 0.4 < time.monotonic() - started < 3
+        assert wait_until(lambda: local.live_sessions == 0 and remote.live_sessions == 0)
+
+
+def test_active_download_is_not_idle(pm):
+    """The idle timeout counts both directions: a long download with a silent client survives."""
+    import socketserver
+
+    from relay.testing import serve_in_thread
+
+    class Trickle(socketserver.BaseRequestHandler):
+        def handle(self):
+            for _ in range(8):
+                self.request.sendall(b"tick")
+                time.sleep(0.2)
+
+    with serve_in_thread(Trickle) as target, relay_pair(pm, local={"timeout": 0.5}, remote={"timeout": 0.5}) as (local, _):
+        with socks5_connect(local.address, target) as sock:
+            sock.settimeout(5)
+            assert recv_until_eof(sock) == b"tick" * 8
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_sequential_connections_leak_no_threads_or_fds(pm, pair, echo_target):
+    local, remote = pair
+    for _ in range(50):  # warm up: thread-local caches, logging handlers
+        with socks5_connect(local.address, echo_target) as sock:
+            exchange(sock, b"warm")
+    assert wait_until(lambda: local.live_sessions == 0 and remote.live_sessions == 0)
+    threads, fds = threading.active_count(), open_fds()
+    started = time.monotonic()
+    for i in range(2000):
+        with socks5_connect(local.address, echo_target) as sock:
+            assert exchange(sock, b"%d" % i) == b"%d" % i
+        assert time.monotonic() - started < 120
+    assert wait_until(lambda: local.live_sessions == 0 and remote.live_sessions == 0)
+    assert wait_until(lambda: threading.active_count() <= threads + 2)
+    assert wait_until(lambda: open_fds() <= fds + 4), f"fds grew from {fds} to {open_fds()}"
+
+
+def test_wrong_password_garbage_and_truncation_end_one_session_only(pm, echo_target, caplog):
+    caplog.set_level(logging.INFO, logger="relay")
+    with relay_pair(pm, password="right", remote={"handshake_timeout": 2}) as (local, remote):
+        # a local with the wrong password
+        with start_relay(make_config("local", pm, password="wrong", server=remote.address), pm) as wrong:
+            with socks5_connect(wrong.address, echo_target) as sock:
+                sock.sendall(b"hello")
+                time.sleep(0.3)
+        # garbage, and a truncated first chunk, straight at the remote
+        for junk in (os.urandom(300), b"", os.urandom(32 + 10)):
+            with socket.create_connection(tuple(remote.address), timeout=5) as raw:
+                raw.sendall(junk)
+                raw.shutdown(socket.SHUT_WR)
+                assert recv_until_eof(raw) == b""  # nothing ever comes back
+        # the server still serves the right password
+        with socks5_connect(local.address, echo_target) as sock:
+            assert exchange(sock, b"still here") == b"still here"
+    assert "failed authentication" in caplog.text
+    assert "closed before sending a target" in caplog.text
+    for record in caplog.records:
+        if "refused" in record.getMessage():
+            assert "\n" not in record.getMessage() and record.exc_info is None

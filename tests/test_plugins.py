@@ -1,0 +1,174 @@
+"""The plugin contract: hooks fire once per session, a plugin can add handlers and ciphers,
+and a plugin that fails ends only its own session."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socketserver
+import threading
+from types import SimpleNamespace
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from conftest import relay_pair
+from relay import Address, ConfigError, HandlerSpec, TargetRefused, hookimpl
+from relay.aead import Aead2017Cipher
+from relay.plugin_manager import get_plugin_manager
+from relay.testing import make_config, recv_until_eof, socks5_connect, start_relay, wait_until
+from test_pair import exchange
+
+
+class Recorder:
+    """A plugin object recording every session hook call."""
+
+    def __init__(self):
+        self.calls = []
+        self.lock = threading.Lock()
+
+    def _record(self, *item):
+        with self.lock:
+            self.calls.append(item)
+
+    @hookimpl
+    def relay_session_started(self, session):
+        self._record("started", session.role, session.id)
+
+    @hookimpl
+    def relay_target_chosen(self, session, target):
+        self._record("target", session.role, session.id, target)
+
+    @hookimpl
+    def relay_session_finished(self, session, error):
+        self._record("finished", session.role, session.id, session.bytes_up, session.bytes_down, error)
+
+
+def test_session_hooks_fire_once_per_session_on_both_relays(echo_target):
+    recorder = Recorder()
+    pm = get_plugin_manager((recorder,))
+    with relay_pair(pm) as (local, remote):
+        with socks5_connect(local.address, echo_target) as sock:
+            assert exchange(sock, b"12345") == b"12345"
+        assert wait_until(lambda: sum(c[0] == "finished" for c in recorder.calls) == 2)
+    for role in ("local", "remote"):
+        calls = [c for c in recorder.calls if c[1] == role]
+        assert [c[0] for c in calls] == ["started", "target", "finished"]
+        assert calls[1][3] == echo_target
+        assert calls[2][3:] == (5, 5, None)
+
+
+def test_target_veto_is_answered_not_allowed(echo_target):
+    class Veto:
+        @hookimpl
+        def relay_target_chosen(self, session, target):
+            if target.port == echo_target.port:
+                raise TargetRefused("port vetoed by a plugin")
+
+    pm = get_plugin_manager((Veto(),))
+    with start_relay(make_config("serve", pm, handler="socks5", allow_private=True), pm) as proxy:
+        with pytest.raises(Exception) as info:
+            socks5_connect(proxy.address, echo_target)
+        assert getattr(info.value, "reply_code", None) == 2
+
+
+def test_failing_plugin_ends_only_its_session(echo_target, caplog):
+    class Flaky:
+        def __init__(self):
+            self.count = 0
+
+        @hookimpl
+        def relay_session_started(self, session):
+            self.count += 1
+            if self.count == 1:
+                raise RuntimeError("plugin bug")
+
+    caplog.set_level(logging.INFO, logger="relay")
+    pm = get_plugin_manager((Flaky(),))
+    with start_relay(make_config("serve", pm, handler="echo"), pm) as server:
+        import socket
+
+        with socket.create_connection(tuple(server.address), timeout=5) as sock:
+            assert recv_until_eof(sock) == b""  # the first session is ended
+        with socket.create_connection(tuple(server.address), timeout=5) as sock:
+            assert exchange(sock, b"second") == b"second"
+    errors = [r for r in caplog.records if "plugin bug" in r.getMessage() or (r.exc_info and "plugin bug" in str(r.exc_info[1]))]
+    assert len(errors) == 1 and errors[0].exc_info is not None  # the traceback, logged once
+
+
+def test_a_plugin_adds_a_cipher_without_touching_the_core(echo_target):
+    class Aes192:
+        @hookimpl
+        def relay_register_ciphers(self):
+            return [Aead2017Cipher("aes-192-gcm", 24, AESGCM)]
+
+    pm = get_plugin_manager((Aes192(),))
+    assert "aes-192-gcm" in pm.ciphers()
+    with relay_pair(pm, method="aes-192-gcm") as (local, _):
+        with socks5_connect(local.address, echo_target) as sock:
+            payload = os.urandom(100_000)
+            assert exchange(sock, payload) == payload
+
+
+def test_a_plugin_adds_a_handler_usable_by_serve_and_remote():
+    class Reverse(socketserver.StreamRequestHandler):
+        def handle(self):
+            for line in self.rfile:
+                self.wfile.write(line.rstrip(b"\n")[::-1] + b"\n")
+
+    plugin = SimpleNamespace(relay_register_handlers=hookimpl(lambda: [HandlerSpec("reverse", Reverse, "reverse each line")]))
+    pm = get_plugin_manager((plugin,))
+    with start_relay(make_config("serve", pm, handler="reverse"), pm) as server:
+        import socket
+
+        with socket.create_connection(tuple(server.address), timeout=5) as sock:
+            assert exchange(sock, b"abc\nxyz\n") == b"cba\nzyx\n"
+    with relay_pair(pm, remote={"handler": "reverse"}) as (local, _):
+        with socks5_connect(local.address, Address("127.0.0.1", 9)) as sock:
+            assert exchange(sock, b"tunnel\n") == b"lennut\n"
+
+
+def test_open_upstream_can_be_taken_over_by_a_plugin(echo_target):
+    """firstresult: a plugin answering relay_open_upstream first decides where bytes go."""
+    from relay.net import connect_tcp
+
+    seen = []
+
+    class Redirect:
+        @hookimpl(tryfirst=True)
+        def relay_open_upstream(self, session, target):
+            if session.role != "serve":
+                return None
+            seen.append(target)
+            from relay import Endpoint
+
+            return Endpoint(connect_tcp(echo_target, 5))
+
+    pm = get_plugin_manager((Redirect(),))
+    with start_relay(make_config("serve", pm, handler="socks5"), pm) as proxy:
+        with socks5_connect(proxy.address, Address("192.0.2.1", 80)) as sock:  # never dialled
+            assert exchange(sock, b"redirected") == b"redirected"
+    assert seen == [Address("192.0.2.1", 80)]
+
+
+def test_duplicate_handler_names_are_a_config_error():
+    class Dup:
+        @hookimpl
+        def relay_register_handlers(self):
+            return [HandlerSpec("echo", socketserver.BaseRequestHandler)]
+
+    with pytest.raises(ConfigError, match="echo"):
+        get_plugin_manager((Dup(),)).handlers()
+
+
+def test_configure_hook_can_refuse_a_config():
+    class Strict:
+        @hookimpl
+        def relay_configure(self, config):
+            if config.role == "serve":
+                raise ConfigError("serve is not allowed here")
+
+    pm = get_plugin_manager((Strict(),))
+    with pytest.raises(ConfigError, match="not allowed"):
+        with start_relay(make_config("serve", pm), pm):
+            pass
