@@ -63,7 +63,7 @@ def build_parser(pm: RelayPluginManager) -> argparse.ArgumentParser:
     local.add_argument("-s", "--server", metavar="HOST:PORT", help="the remote relay")
     _cipher_options(local)
     local.add_argument("--protocol", metavar="NAME", help="front-end: socks5 (default) or tunnel")
-    local.add_argument("--forward", metavar="HOST:PORT", help="tunnel target, as seen from the remote")
+    local.add_argument("-L", "--forward", metavar="HOST:PORT", help="tunnel target, as seen from the remote (ss-tunnel's -L)")
 
     remote = _command(commands, "remote", "run a remote relay: the Shadowsocks server end", _run_remote)
     _config_options(remote, listen_default="0.0.0.0:8388")
