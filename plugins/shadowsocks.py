@@ -16,11 +16,10 @@ import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from relay import Address, Endpoint, HandlerSpec, ProtocolError, Session, hookimpl
+from relay import Address, Endpoint, HandlerSpec, ProtocolError, RelayHandler, Session, hookimpl
 from relay.address import decode_address, encode_address
 from relay.aead import Aead2017Cipher
 from relay.net import connect_tcp
-from relay.server import RelayHandler
 
 log = logging.getLogger("relay.shadowsocks")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from relay import HandlerSpec, Socks5Error, TargetRefused, hookimpl
-from relay.server import RelayHandler
+from relay import HandlerSpec, RelayHandler, Socks5Error, TargetRefused, hookimpl
 from relay.socks5 import Command, Greeting, Method, MethodSelection, Reply, ReplyCode, Request, Socks5Server
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from relay import HandlerSpec, hookimpl
-from relay.server import RelayHandler
+from relay import HandlerSpec, RelayHandler, hookimpl
 
 
 class TunnelHandler(RelayHandler):

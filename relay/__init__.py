@@ -9,14 +9,18 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .address import Address
+from .config import Config
 from .endpoint import Endpoint
 from .errors import ConfigError, DecryptError, ProtocolError, RelayError, Socks5Error, TargetRefused
 from .hookspecs import HandlerSpec, hookimpl, hookspec
+from .server import RelayHandler
 from .session import Session
 
 __all__ = [
     "__version__",
     "Address",
+    "Config",
+    "RelayHandler",
     "Endpoint",
     "HandlerSpec",
     "Session",

@@ -221,8 +221,9 @@ class _stopping:
         return self.runner
 
     def __exit__(self, *exc: object) -> None:
-        self.runner.stop()
-        log.info("stopped")
+        if self.runner.servers:
+            self.runner.stop()
+            log.info("stopped")
 
 
 def _wait_for_signal() -> None:

@@ -61,9 +61,12 @@ _INSECURE_METHODS = frozenset(
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Config:
-    """The resolved settings of one relay: names are already looked up, keys already derived."""
+    """The resolved settings of one relay: names are already looked up, keys already derived.
+
+    Compared and hashed by identity, so a plugin can key per-relay state by the config.
+    """
 
     role: Role
     listen: tuple[Address, ...]

@@ -49,7 +49,7 @@ class HandlerSpec:
     uses one: ``self.request`` is the connected socket, ``self.client_address`` the peer,
     ``self.server`` the relay's server, and ``setup``/``handle``/``finish`` run in order. relay
     also sets ``self.session`` (a ``relay.Session``) before ``setup`` runs. Front-end handlers
-    (socks5, tunnel, shadowsocks) subclass ``relay.server.RelayHandler`` to reach the upstream
+    (socks5, tunnel, shadowsocks) subclass ``relay.RelayHandler`` to reach the upstream
     hooks and the pump; terminal handlers (echo, uppercase) answer by themselves.
     """
 
@@ -134,10 +134,11 @@ def relay_open_upstream(session: Session, target: Address) -> Endpoint | None:
 
 @hookspec
 def relay_session_finished(session: Session, error: BaseException | None) -> None:
-    """The session is over and its sockets are closed.
+    """The session is over: its handler returned and its sockets are closed.
 
     Called once for every session that ``relay_session_started`` saw, in its thread. ``error``
     is what ended it abnormally (a ``ProtocolError``, ``TargetRefused``, ``OSError``,
     ``TimeoutError`` for the idle timeout), or ``None`` after a clean close both ways.
-    ``session.bytes_up`` / ``session.bytes_down`` count the payload moved.
+    ``session.bytes_up`` / ``session.bytes_down`` count the payload moved (for a terminal
+    handler on ``relay serve``, as the kernel counted the TCP connection's bytes).
     """

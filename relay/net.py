@@ -10,7 +10,7 @@ from collections.abc import Callable
 from .address import Address
 from .errors import TargetRefused
 
-__all__ = ["connect_tcp", "tune", "set_io_timeout", "wait_readable", "shutdown_quietly", "close_quietly"]
+__all__ = ["connect_tcp", "tune", "set_io_timeout", "wait_readable", "tcp_byte_counts", "shutdown_quietly", "close_quietly"]
 
 Check = Callable[[str], "str | None"]
 
@@ -73,6 +73,29 @@ def wait_readable(sock: socket.socket, timeout: float) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(timeout * 1000))
+
+
+_TCP_INFO_BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received (Linux 4.1+)
+_TCP_INFO_BYTES_OFFSET = 120
+_FIN_RECEIVED_STATES = frozenset((6, 8, 9, 11))  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING (tcpi_state)
+
+
+def tcp_byte_counts(sock: socket.socket) -> tuple[int, int] | None:
+    """(bytes received, bytes sent and acknowledged) on a TCP socket, as the kernel counted them.
+
+    Lets the core report a handler's traffic without wrapping its socket; None where the
+    platform or the socket (a socket pair) does not say.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES_OFFSET + _TCP_INFO_BYTES.size)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCP_INFO_BYTES_OFFSET + _TCP_INFO_BYTES.size:
+        return None
+    acked, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_OFFSET)
+    if received and info[0] in _FIN_RECEIVED_STATES:
+        received -= 1  # the peer's FIN takes one sequence number, and the kernel counts it
+    return received, acked
 
 
 def shutdown_quietly(sock: socket.socket, how: int) -> None:

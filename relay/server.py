@@ -22,7 +22,7 @@ from .address import Address
 from .config import Config
 from .endpoint import Endpoint
 from .errors import ProtocolError, RelayError, TargetRefused
-from .net import close_quietly, shutdown_quietly, tune
+from .net import close_quietly, shutdown_quietly, tcp_byte_counts, tune
 from .protocol import NEED_DATA, SansIO
 from .pump import relay as pump_relay
 from .session import Session
@@ -168,12 +168,12 @@ def run_handler(
     if session is None:
         session = Session(config=config, client=Address(*client_address[:2]), server=server)
     error: BaseException | None = None
+    is_front_end = issubclass(handler_class, RelayHandler)
     server.track(request)
     try:
         if owner:
             server.hook.relay_session_started(session=session)
-        is_front_end = issubclass(handler_class, RelayHandler)
-        request.settimeout(config.handshake_timeout if is_front_end else config.timeout)
+            request.settimeout(config.handshake_timeout if is_front_end else config.timeout)
         handler = handler_class.__new__(handler_class)
         handler.session = session  # type: ignore[attr-defined]
         handler_class.__init__(handler, request, client_address, server)
@@ -183,6 +183,10 @@ def run_handler(
     finally:
         server.untrack(request)
     if owner:
+        if not is_front_end and session.bytes_up == session.bytes_down == 0:
+            # Nothing pumped this session's bytes: ask the kernel what the handler moved.
+            session.bytes_up, session.bytes_down = tcp_byte_counts(request) or (0, 0)
+        server.shutdown_request(request)  # the client sees EOF now, not after the hooks
         _log_end(session, error)
         try:
             server.hook.relay_session_finished(session=session, error=error)

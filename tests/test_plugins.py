@@ -172,3 +172,17 @@ def test_configure_hook_can_refuse_a_config():
     with pytest.raises(ConfigError, match="not allowed"):
         with start_relay(make_config("serve", pm), pm):
             pass
+
+
+def test_terminal_handler_sessions_report_their_bytes():
+    """A handler on `relay serve` moves bytes itself; the core still reports them."""
+    import socket
+
+    recorder = Recorder()
+    pm = get_plugin_manager((recorder,))
+    with start_relay(make_config("serve", pm, handler="echo"), pm) as server:
+        with socket.create_connection(tuple(server.address), timeout=5) as sock:
+            assert exchange(sock, b"x" * 1000) == b"x" * 1000
+        assert wait_until(lambda: any(c[0] == "finished" for c in recorder.calls))
+    (finished,) = [c for c in recorder.calls if c[0] == "finished"]
+    assert finished[3:] == (1000, 1000, None)
