@@ -46,6 +46,8 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from relay.testing import free_port, stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "throughput.json"
 METHODS = ("aes-128-gcm", "aes-256-gcm", "chacha20-ietf-poly1305")
@@ -136,12 +138,6 @@ def run_target() -> int:
 # --- processes --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
@@ -187,13 +183,7 @@ class Proc:
         raise RuntimeError(f"{self.name} is not listening on 127.0.0.1:{port} after {timeout} s:\n{self.tail()}")
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+        stop_process(self.popen)
 
 
 def start_target(stack: ExitStack, logdir: Path) -> int:
@@ -208,13 +198,7 @@ def start_target(stack: ExitStack, logdir: Path) -> int:
     )
 
     def stop() -> None:
-        if popen.poll() is None:
-            popen.terminate()
-            try:
-                popen.wait(5)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait(5)
+        stop_process(popen)
         if popen.stdout:
             popen.stdout.close()
 

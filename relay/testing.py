@@ -4,11 +4,15 @@ servers, and relays started in-process. Used by relay's own suite; plugin author
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import socketserver
+import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .address import Address, encode_address
@@ -18,7 +22,19 @@ from .plugin_manager import RelayPluginManager, get_plugin_manager
 from .runner import Runner
 from .server import RelayServer
 
-__all__ = ["socks5_connect", "serve_in_thread", "start_relay", "make_config", "recv_exactly", "recv_until_eof"]
+__all__ = [
+    "socks5_connect",
+    "serve_in_thread",
+    "start_relay",
+    "make_config",
+    "recv_exactly",
+    "recv_until_eof",
+    "wait_until",
+    "free_port",
+    "running_process",
+    "process_output",
+    "stop_process",
+]
 
 
 def socks5_connect(proxy: Address, target: Address, timeout: float = 10.0) -> socket.socket:
@@ -116,3 +132,65 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> 
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for a subprocess that must be told where to listen)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
+
+
+def process_output(proc: subprocess.Popen, limit: int = 4000) -> str:
+    """The tail of what a ``running_process`` wrote to its log file."""
+    try:
+        return Path(proc.log_path).read_text(errors="replace")[-limit:]  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return ""
+
+
+@contextlib.contextmanager
+def running_process(
+    args: Sequence[str], *, port: int, env: Mapping[str, str] | None = None, startup: float = 10.0, stdout: int | None = None
+) -> Iterator[subprocess.Popen]:
+    """Run ``args`` until the block ends, once something accepts on 127.0.0.1:``port``.
+
+    stderr (and stdout, unless ``stdout=subprocess.PIPE``) go to a file, so a chatty process
+    never blocks on a full pipe; ``process_output(proc)`` reads it. Raises AssertionError, with
+    that output, when the process exits early or never listens.
+    """
+    with tempfile.TemporaryDirectory(prefix="relay-process-") as tmp:
+        log_path = Path(tmp) / "output.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                list(args), stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else log, stderr=log,
+                env=dict(env) if env is not None else None, text=stdout is not None,
+            )
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        name = os.path.basename(str(args[0]))
+        try:
+            deadline = time.monotonic() + startup
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"{name} exited with {proc.returncode} before listening:\n{process_output(proc)}")
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{name} is not listening on 127.0.0.1:{port} after {startup} s:\n{process_output(proc)}")
+                time.sleep(0.05)
+            yield proc
+        finally:
+            stop_process(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()

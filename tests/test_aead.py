@@ -4,11 +4,11 @@ import json
 import os
 
 import pytest
+from conftest import VECTORS
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import VECTORS
 from relay import DecryptError, ProtocolError
 from relay.aead import MAX_PAYLOAD, Aead2017Cipher, evp_bytes_to_key, session_subkey
 

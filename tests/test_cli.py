@@ -15,49 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import find_binary, relay_command, subprocess_env
+
 from relay import Address
-from relay.testing import recv_until_eof, socks5_connect
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from relay.testing import free_port, process_output, recv_until_eof, running_process, socks5_connect
 
 
 def run(*args: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*relay_command(), *args], capture_output=True, text=True, timeout=timeout, env=subprocess_env(), **kwargs)
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"relay exited with {proc.returncode}: {proc.stderr.read()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
-
-
-@contextlib.contextmanager
-def relay_process(*args: str, port: int, env: dict | None = None) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen([*relay_command(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or subprocess_env())
-    try:
-        wait_for_port(port, proc)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        proc.stdout.close()
-        proc.stderr.close()
+def relay_process(*args: str, port: int, stdout: int | None = None):
+    return running_process([*relay_command(), *args], port=port, env=subprocess_env(), stdout=stdout)
 
 
 @contextlib.contextmanager
@@ -160,7 +129,7 @@ def test_signals_stop_with_live_sessions_and_exit_0(signum):
         finally:
             for client in clients:
                 client.close()
-        assert "Traceback" not in proc.stderr.read()
+        assert "Traceback" not in process_output(proc)
 
 
 def test_python_dash_m_serves_uppercase():
@@ -174,7 +143,7 @@ def test_python_dash_m_serves_uppercase():
 def test_demo_prints_what_to_run_and_curl_gets_through():
     curl = find_binary("curl", "curl")
     port = free_port()
-    with web_server() as web_port, relay_process("demo", "--listen", f"127.0.0.1:{port}", port=port) as proc:
+    with web_server() as web_port, relay_process("demo", "--listen", f"127.0.0.1:{port}", port=port, stdout=subprocess.PIPE) as proc:
         lines = [proc.stdout.readline() for _ in range(4)]
         text = "".join(lines)
         assert f"127.0.0.1:{port}" in text

@@ -4,6 +4,7 @@ import inspect
 import re
 
 from conftest import ROOT
+
 from relay import hookspecs
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")

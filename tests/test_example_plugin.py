@@ -8,20 +8,19 @@ of a tunnel (``relay remote --handler``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import relay_command, subprocess_env
 
 from relay import Address
-from relay.testing import recv_until_eof, socks5_connect
+from relay.testing import free_port, process_output, recv_until_eof, running_process, socks5_connect
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "relay-rot13"
 STARTUP_TIMEOUT = 10.0
@@ -53,50 +52,17 @@ def rot13_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def relay_command() -> list[str]:
-    return [sys.executable, "-m", "relay"]
-
-
 def env_with_path(path: Path) -> dict[str, str]:
     """The environment with ``path`` first on PYTHONPATH: importlib.metadata then finds the
     example's dist-info there, and with it the entry point."""
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
+    env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), env.get("PYTHONPATH")) if p)
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(args: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def running(args: list[str], env: dict[str, str], port: int):
     """``relay ARGS`` in a subprocess until the block ends; ready once ``port`` accepts."""
-    with open(log, "wb") as stderr:
-        proc = subprocess.Popen(relay_command() + args, env=env, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"relay {args[0]} exited with {proc.returncode}:\n{log.read_text()}")
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"relay {args[0]} not listening on {port} in time:\n{log.read_text()}")
-                    time.sleep(0.05)
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    return running_process(relay_command() + args, env=env, port=port, startup=STARTUP_TIMEOUT)
 
 
 def connect(port: int) -> socket.socket:
@@ -137,19 +103,19 @@ def test_relay_plugins_lists_the_entry_point(rot13_path: Path) -> None:
     ],
     ids=["default", "shift-1", "shift-0"],
 )
-def test_serve_rot13(rot13_path: Path, tmp_path: Path, options: list[str], expected: bytes) -> None:
+def test_serve_rot13(rot13_path: Path, options: list[str], expected: bytes) -> None:
     port = free_port()
     args = ["serve", "--handler", "rot13", "--listen", f"127.0.0.1:{port}", "-q", *options]
-    with running(args, env_with_path(rot13_path), port, tmp_path / "serve.log"):
+    with running(args, env_with_path(rot13_path), port):
         assert exchange(connect(port), b"Hello, World!\n") == expected
 
 
-def test_serve_rot13_streams_every_byte(rot13_path: Path, tmp_path: Path) -> None:
+def test_serve_rot13_streams_every_byte(rot13_path: Path) -> None:
     """Larger than one chunk, every byte value: letters rotate, the rest passes unchanged."""
     payload = bytes(range(256)) * 1024
     port = free_port()
     args = ["serve", "--handler", "rot13", "--listen", f"127.0.0.1:{port}", "-q"]
-    with running(args, env_with_path(rot13_path), port, tmp_path / "serve.log"):
+    with running(args, env_with_path(rot13_path), port):
         answer = exchange(connect(port), payload)
     table = bytes.maketrans(
         b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
@@ -158,19 +124,19 @@ def test_serve_rot13_streams_every_byte(rot13_path: Path, tmp_path: Path) -> Non
     assert answer == payload.translate(table)
 
 
-def test_session_hooks_log_at_debug(rot13_path: Path, tmp_path: Path) -> None:
+def test_session_hooks_log_at_debug(rot13_path: Path) -> None:
     """relay_session_started and relay_session_finished each log one line on relay.rot13 (-v)."""
     port = free_port()
-    log = tmp_path / "serve.log"
     args = ["serve", "--handler", "rot13", "--listen", f"127.0.0.1:{port}", "-v"]
-    with running(args, env_with_path(rot13_path), port, log):
+    with running(args, env_with_path(rot13_path), port) as proc:
         sock = connect(port)
         client = f"127.0.0.1:{sock.getsockname()[1]}"
         assert exchange(sock, b"Hello, World!\n") == b"Uryyb, Jbeyq!\n"
         deadline = time.monotonic() + IO_TIMEOUT
-        while "14 B in, 14 B out" not in log.read_text() and time.monotonic() < deadline:
+        while "14 B in, 14 B out" not in process_output(proc) and time.monotonic() < deadline:
             time.sleep(0.05)
-    ours = [line.split("relay.rot13: ", 1)[1] for line in log.read_text().splitlines() if " relay.rot13: " in line]
+        output = process_output(proc, limit=100_000)
+    ours = [line.split("relay.rot13: ", 1)[1] for line in output.splitlines() if " relay.rot13: " in line]
     mine = [line for line in ours if f" from {client}: " in line]
     assert len(mine) == 2, ours
     assert mine[0].startswith("session ") and mine[0].endswith(": started (shift 13)")
@@ -191,7 +157,7 @@ def test_bad_shift_is_refused_before_listening(rot13_path: Path) -> None:
     assert "relay: error: --rot13-shift must be between 0 and 25, not 26" in result.stderr
 
 
-def test_remote_handler_rot13_through_the_tunnel(rot13_path: Path, tmp_path: Path) -> None:
+def test_remote_handler_rot13_through_the_tunnel(rot13_path: Path) -> None:
     """``relay remote --handler rot13`` answers every tunnelled stream itself, whatever the target."""
     env = env_with_path(rot13_path)
     remote_port, local_port = free_port(), free_port()
@@ -199,8 +165,8 @@ def test_remote_handler_rot13_through_the_tunnel(rot13_path: Path, tmp_path: Pat
     remote += ["--allow-private"]  # not needed (the handler answers, nothing is dialled), but the usual setup
     local = ["local", "--listen", f"127.0.0.1:{local_port}", "--server", f"127.0.0.1:{remote_port}", "--password", "x"]
     with (
-        running(remote, env, remote_port, tmp_path / "remote.log"),
-        running(local + ["-q"], env, local_port, tmp_path / "local.log"),
+        running(remote, env, remote_port),
+        running(local + ["-q"], env, local_port),
     ):
         # Port 9 (discard) on loopback: nothing needs to listen there, the remote answers itself.
         sock = socks5_connect(Address("127.0.0.1", local_port), Address("127.0.0.1", 9), timeout=IO_TIMEOUT)
@@ -225,5 +191,5 @@ def test_plugin_option_alternative_without_packaging(tmp_path: Path) -> None:
     port = free_port()
     args = ["serve", "--plugin", "relay_rot13", "--handler", "rot13", "--rot13-shift", "25"]
     args += ["--listen", f"127.0.0.1:{port}", "-q"]
-    with running(args, env, port, tmp_path / "serve.log"):
+    with running(args, env, port):
         assert exchange(connect(port), b"Hello, World!\n") == b"Gdkkn, Vnqkc!\n"

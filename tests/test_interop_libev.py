@@ -23,18 +23,16 @@ import hashlib
 import os
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import METHODS, find_binary
 
 from relay import Address
 from relay.plugin_manager import RelayPluginManager
-from relay.testing import make_config, socks5_connect, start_relay
+from relay.testing import free_port, make_config, process_output, running_process, socks5_connect, start_relay
 
 pytestmark = pytest.mark.interop
 
@@ -49,60 +47,13 @@ STARTUP_TIMEOUT = 5.0  # for a libev process to accept on its port
 # --- subprocess helpers -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1 (the peer binds it right after)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _output(log_path: Path) -> str:
-    try:
-        return log_path.read_text(errors="replace")[-4000:]
-    except OSError:
-        return ""
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = STARTUP_TIMEOUT) -> None:
-    """Poll until something accepts on 127.0.0.1:port; fail early if ``proc`` exits."""
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.02) + 1):
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[0]} exited with {proc.returncode} before listening:\n{_output(log_path)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            pass
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.02)
-    pytest.fail(f"{proc.args[0]} did not listen on 127.0.0.1:{port} within {timeout} s:\n{_output(log_path)}")
-
-
 @contextlib.contextmanager
 def libev(binary: str, *args: str, port: int) -> Iterator[subprocess.Popen]:
-    """Run a shadowsocks-libev binary until the block ends; it must be listening on ``port`` first.
-
-    Output goes to a file rather than a pipe, so a chatty peer can never block on a full pipe.
-    """
-    with tempfile.TemporaryDirectory(prefix="relay-interop-") as tmp:
-        log_path = Path(tmp) / "peer.log"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen([binary, *args], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            wait_for_port(port, proc, log_path)
-            yield proc
-            if proc.poll() is not None:
-                pytest.fail(f"{binary} died during the test (exit {proc.returncode}):\n{_output(log_path)}")
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+    """Run a shadowsocks-libev binary until the block ends; it must be listening on ``port`` first."""
+    with running_process([binary, *args], port=port, startup=STARTUP_TIMEOUT) as proc:
+        yield proc
+        if proc.poll() is not None:
+            pytest.fail(f"{binary} died during the test (exit {proc.returncode}):\n{process_output(proc)}")
 
 
 def libev_args(server_port: int, method: str, local_port: int | None = None) -> list[str]:

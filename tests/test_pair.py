@@ -10,8 +10,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import METHODS, relay_pair
+
 from relay import Address, Socks5Error
 from relay.testing import make_config, recv_exactly, recv_until_eof, socks5_connect, start_relay, wait_until
 

@@ -10,14 +10,14 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from conftest import relay_pair
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from test_pair import exchange
+
 from relay import Address, ConfigError, HandlerSpec, TargetRefused, hookimpl
 from relay.aead import Aead2017Cipher
 from relay.plugin_manager import get_plugin_manager
 from relay.testing import make_config, recv_until_eof, socks5_connect, start_relay, wait_until
-from test_pair import exchange
 
 
 class Recorder:
