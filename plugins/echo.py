@@ -1,4 +1,5 @@
-"""The echo handler: sends back exactly what it receives, until the client closes."""
+"""The echo handler: sends back exactly what it receives, until the client closes; for
+datagrams, each one straight back to its sender."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ class EchoHandler(socketserver.BaseRequestHandler):
             self.request.sendall(view[:n])
 
 
+class EchoDatagramHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(data, self.client_address)
+
+
 @hookimpl
 def relay_register_handlers() -> list[HandlerSpec]:
-    return [HandlerSpec("echo", EchoHandler, "send back every byte received")]
+    return [HandlerSpec("echo", EchoHandler, "send back every byte received", EchoDatagramHandler)]

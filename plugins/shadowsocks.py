@@ -1,25 +1,31 @@
-"""Shadowsocks AEAD (SIP004): the methods, the remote's front-end, and the local's upstream.
+"""Shadowsocks AEAD (SIP004): the methods, the remote's front-ends, and the local's upstreams.
 
 * ``relay_register_ciphers``: aes-128-gcm, aes-256-gcm, chacha20-ietf-poly1305.
 * The ``shadowsocks`` handler, what a remote runs on every connection: read the salt and the
   first chunks, take the target from the plaintext, relay. A connection that fails to
   authenticate gets no answer at all: the remote reads and discards until the prober gives up or
-  the handshake deadline passes, then closes.
+  the handshake deadline passes, then closes. Its datagram handler decrypts each packet, forwards
+  the payload to the packet's target, and encrypts the answers with their source address.
 * ``relay_open_upstream`` on a local: connect to the remote, and send the target (with the
   client's first data when it comes promptly) as the first encrypted flight.
+  ``relay_open_datagram_upstream`` on a local: a UDP socket to the remote, one per association.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from relay import Address, Endpoint, HandlerSpec, ProtocolError, RelayHandler, Session, hookimpl
 from relay.address import decode_address, encode_address
 from relay.aead import Aead2017Cipher
+from relay.codec import DatagramCodec
 from relay.net import connect_tcp
+from relay.udp import MAX_DATAGRAM, DatagramHandler, udp_socket
 
 log = logging.getLogger("relay.shadowsocks")
 
@@ -65,6 +71,50 @@ class ShadowsocksHandler(RelayHandler):
             return
 
 
+class ShadowsocksDatagramHandler(DatagramHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        codec = _codec(self.server.data, self.server.config)
+        try:
+            target, payload = codec.decode(data)
+        except ProtocolError:
+            self.drop("undecryptable")
+            return
+        client = self.client_address
+        association = self.association(lambda source, answer: sock.sendto(codec.encode(source, answer), client))
+        if association is not None:
+            self.forward(association, target, payload)
+
+
+def _codec(cache: dict, config: Any) -> DatagramCodec:
+    codec = cache.get("shadowsocks.codec")
+    if codec is None:
+        codec = cache["shadowsocks.codec"] = config.cipher.datagram_codec(config.key)
+    return codec
+
+
+class ShadowsocksDatagramUpstream:
+    """A local's datagrams to the remote: a connected UDP socket, so only the remote's packets
+    come back on it."""
+
+    on_answer = None
+
+    def __init__(self, server: Address, codec: DatagramCodec) -> None:
+        family, _, _, _, sockaddr = socket.getaddrinfo(server.host, server.port, type=socket.SOCK_DGRAM)[0]
+        self.codec = codec
+        self.sock = udp_socket(family)
+        self.sock.connect(sockaddr)
+
+    def send(self, target: Address, payload: bytes) -> None:
+        self.sock.send(self.codec.encode(target, payload))
+
+    def receive(self) -> tuple[Address, bytes]:
+        return self.codec.decode(self.sock.recv(MAX_DATAGRAM))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @hookimpl
 def relay_register_ciphers() -> list[Aead2017Cipher]:
     return list(CIPHERS)
@@ -72,7 +122,7 @@ def relay_register_ciphers() -> list[Aead2017Cipher]:
 
 @hookimpl
 def relay_register_handlers() -> list[HandlerSpec]:
-    return [HandlerSpec("shadowsocks", ShadowsocksHandler, "Shadowsocks AEAD server: what a remote runs")]
+    return [HandlerSpec("shadowsocks", ShadowsocksHandler, "Shadowsocks AEAD server: what a remote runs", ShadowsocksDatagramHandler)]
 
 
 @hookimpl
@@ -87,3 +137,11 @@ def relay_open_upstream(session: Session, target: Address) -> Endpoint | None:
         encoder=config.cipher.encryptor(config.key),
         first_flight=encode_address(target),
     )
+
+
+@hookimpl
+def relay_open_datagram_upstream(session: Session) -> ShadowsocksDatagramUpstream | None:
+    config = session.config
+    if config.role != "local" or config.server is None or config.cipher is None:
+        return None
+    return ShadowsocksDatagramUpstream(config.server, _codec(session.server.data, config))

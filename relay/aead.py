@@ -14,6 +14,7 @@ A TCP stream, each direction, with its own random salt (salt size = key size)::
               n big-endian, n <= 0x3FFF
 
 The first plaintext a client sends is the target in SOCKS5 form (relay.address), then data.
+UDP packets are described at AeadDatagramCodec.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .address import Address, decode_address, encode_address
 from .codec import DEFAULT_BUFFER_SIZE
 from .errors import DecryptError, ProtocolError
 
@@ -38,6 +40,7 @@ __all__ = [
     "Aead2017Cipher",
     "AeadStreamEncryptor",
     "AeadStreamDecryptor",
+    "AeadDatagramCodec",
 ]
 
 MAX_PAYLOAD = 0x3FFF
@@ -48,6 +51,7 @@ _LENGTH_CHUNK = LENGTH_SIZE + TAG_SIZE
 _OVERHEAD = _LENGTH_CHUNK + TAG_SIZE  # per chunk
 _MAX_CHUNK = _OVERHEAD + MAX_PAYLOAD
 _EMPTY = memoryview(b"")
+_ZERO_NONCE = bytes(NONCE_SIZE)
 
 AeadFactory = Callable[[bytes], Any]  # key -> object with encrypt_into/decrypt_into (cryptography's AEAD API)
 
@@ -86,6 +90,9 @@ class Aead2017Cipher:
 
     def decryptor(self, key: bytes, capacity: int = DEFAULT_BUFFER_SIZE) -> AeadStreamDecryptor:
         return AeadStreamDecryptor(self.aead, key, self.salt_size, capacity)
+
+    def datagram_codec(self, key: bytes) -> AeadDatagramCodec:
+        return AeadDatagramCodec(self.aead, key, self.salt_size)
 
 
 class AeadStreamEncryptor:
@@ -214,3 +221,40 @@ class AeadStreamDecryptor:
             view = view[n:]
             result += self.received(n)
         return bytes(result)
+
+
+class AeadDatagramCodec:
+    """AEAD-2017 UDP: every packet stands alone, with its own salt and nonce zero::
+
+        +------+------------------------------------------------+
+        | salt | AEAD(subkey, nonce 0, address + payload) + tag |
+        +------+------------------------------------------------+
+
+    The same codec serves both ways: a client encodes its target, a server the source of an answer.
+    """
+
+    def __init__(self, aead: AeadFactory, key: bytes, salt_size: int) -> None:
+        self._aead = aead
+        self._key = key
+        self._salt_size = salt_size
+        self.overhead = salt_size + TAG_SIZE
+
+    def encode(self, address: Address, payload: bytes | memoryview) -> bytes:
+        salt = os.urandom(self._salt_size)
+        sealed = self._aead(session_subkey(self._key, salt)).encrypt(_ZERO_NONCE, encode_address(address) + bytes(payload), None)
+        return salt + sealed
+
+    def decode(self, packet: bytes | memoryview) -> tuple[Address, bytes]:
+        """The address and payload of one packet; ProtocolError (DecryptError) if it is not one."""
+        if len(packet) < self._salt_size + TAG_SIZE + 1:
+            raise ProtocolError(f"datagram of {len(packet)} bytes is too short")
+        salt = bytes(packet[: self._salt_size])
+        try:
+            plaintext = self._aead(session_subkey(self._key, salt)).decrypt(_ZERO_NONCE, bytes(packet[self._salt_size :]), None)
+        except InvalidTag:
+            raise DecryptError("datagram failed authentication (wrong password, or not a Shadowsocks peer)") from None
+        decoded = decode_address(plaintext)
+        if decoded is None:
+            raise ProtocolError("datagram too short for its address")
+        address, end = decoded
+        return address, plaintext[end:]

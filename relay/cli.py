@@ -30,7 +30,7 @@ EXIT_USAGE = 2
 
 # Flags that map onto config keys; everything else is the CLI's own.
 _CONFIG_FLAGS = (
-    "listen server method password key timeout connect_timeout protocol forward handler allow_private".split()
+    "listen server method password key timeout connect_timeout protocol forward handler allow_private mode udp_timeout".split()
 )
 
 
@@ -108,6 +108,10 @@ def _config_options(sub: argparse.ArgumentParser, listen_default: str) -> None:
     sub.add_argument("-l", "--listen", metavar="HOST:PORT", help=f"where to listen (default {listen_default})")
     sub.add_argument("-t", "--timeout", type=float, metavar="SECONDS", help="idle timeout of a session (default 300)")
     sub.add_argument("--connect-timeout", type=float, metavar="SECONDS", help="timeout to connect upstream (default 10)")
+    udp = sub.add_mutually_exclusive_group()
+    udp.add_argument("-u", "--udp", dest="mode", action="store_const", const="tcp_and_udp", help="relay UDP too (mode tcp_and_udp)")
+    udp.add_argument("-U", "--udp-only", dest="mode", action="store_const", const="udp_only", help="relay UDP only (mode udp_only)")
+    sub.add_argument("--udp-timeout", type=float, metavar="SECONDS", help="idle timeout of a UDP association (default 300)")
     _common(sub)
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-__all__ = ["StreamDecoder", "StreamEncoder", "Cipher", "PlainDecoder", "DEFAULT_BUFFER_SIZE"]
+from .address import Address
+
+__all__ = ["StreamDecoder", "StreamEncoder", "DatagramCodec", "Cipher", "PlainDecoder", "DEFAULT_BUFFER_SIZE"]
 
 DEFAULT_BUFFER_SIZE = 256 * 1024
 
@@ -39,6 +41,20 @@ class StreamEncoder(Protocol):
 
 
 @runtime_checkable
+class DatagramCodec(Protocol):
+    """Shadowsocks UDP packets: one datagram carries an address and a payload."""
+
+    overhead: int
+    """Bytes a packet adds to address + payload (salt, tag...)."""
+
+    def encode(self, address: Address, payload: bytes | memoryview) -> bytes:
+        """A client encodes the target; a server the source of the answer."""
+
+    def decode(self, packet: bytes | memoryview) -> tuple[Address, bytes]:
+        """Raise ``ProtocolError`` for anything that is not a packet under this key."""
+
+
+@runtime_checkable
 class Cipher(Protocol):
     """A Shadowsocks method, as a cipher plugin registers it (see relay.hookspecs)."""
 
@@ -53,6 +69,9 @@ class Cipher(Protocol):
 
     def decryptor(self, key: bytes) -> StreamDecoder:
         """A fresh stream decryptor; it reads the salt first."""
+
+    def datagram_codec(self, key: bytes) -> DatagramCodec:
+        """The UDP packet codec for this key."""
 
 
 class PlainDecoder:

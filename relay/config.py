@@ -8,7 +8,7 @@ The JSON keys are shadowsocks-libev's, accepted unchanged::
     timeout (seconds, default 300)    mode (tcp_only, tcp_and_udp, udp_only)
 
 and relay's own: allow_private, protocol, forward (or libev's tunnel_address), handler,
-connect_timeout, plugins. A flag given on the command line wins over the file. Every problem
+connect_timeout, handshake_timeout, udp_timeout, udp_max_associations, plugins. A flag given on the command line wins over the file. Every problem
 raises ConfigError with a one-line message naming the key.
 """
 
@@ -33,6 +33,8 @@ DEFAULT_METHOD = "chacha20-ietf-poly1305"
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+DEFAULT_UDP_TIMEOUT = 300.0  # RFC 4787's minimum for a NAT's UDP mapping
+DEFAULT_UDP_MAX_ASSOCIATIONS = 1024
 MODES = ("tcp_only", "tcp_and_udp", "udp_only")
 
 # Role -> default listen address and default handler (the session's front-end).
@@ -49,7 +51,7 @@ _LIBEV_IGNORED = frozenset(
 _KNOWN = frozenset(
     "server server_port local_address local_port password key method timeout mode plugin "
     "plugin_opts tunnel_address allow_private protocol forward handler connect_timeout "
-    "handshake_timeout plugins".split()
+    "handshake_timeout plugins udp_timeout udp_max_associations".split()
 )
 
 # Pre-AEAD methods: recognised only to say why they are refused.
@@ -85,10 +87,22 @@ class Config:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     allow_private: bool = False
     mode: str = "tcp_only"
+    udp_timeout: float = DEFAULT_UDP_TIMEOUT
+    udp_max_associations: int = DEFAULT_UDP_MAX_ASSOCIATIONS
     plugins: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     file: Mapping[str, Any] = field(default_factory=dict, repr=False)
     options: argparse.Namespace = field(default_factory=argparse.Namespace, repr=False)
+
+    @property
+    def tcp(self) -> bool:
+        """Whether this relay serves streams."""
+        return self.mode != "udp_only"
+
+    @property
+    def udp(self) -> bool:
+        """Whether this relay serves datagrams."""
+        return self.mode != "tcp_only"
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -173,7 +187,9 @@ def build_config(
     if mode not in MODES:
         raise ConfigError(f'"mode" must be one of {", ".join(MODES)}, not {mode!r}')
     if mode != "tcp_only":
-        warnings.append(f'"mode": {mode} asks for UDP, which this version does not relay yet; relaying TCP only')
+        for spec, option in ((handler, "protocol" if role == "local" else "handler"), (upstream_handler, "handler")):
+            if spec is not None and spec.datagram_handler is None:
+                raise ConfigError(f"{option} {spec.name!r} does not handle datagrams, but mode is {mode}")
 
     plugins = pick("plugins", ())
     if isinstance(plugins, str) or not all(isinstance(p, str) for p in plugins):
@@ -195,6 +211,8 @@ def build_config(
         handshake_timeout=_seconds(pick("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT), "handshake_timeout"),
         allow_private=_bool(pick("allow_private", False), "allow_private"),
         mode=mode,
+        udp_timeout=_seconds(pick("udp_timeout", DEFAULT_UDP_TIMEOUT), "udp_timeout"),
+        udp_max_associations=_count(pick("udp_max_associations", DEFAULT_UDP_MAX_ASSOCIATIONS), "udp_max_associations"),
         plugins=tuple(plugins),
         warnings=tuple(warnings),
         file=file,
@@ -261,6 +279,12 @@ def _seconds(value: Any, key: str) -> float:
     if isinstance(value, bool) or not 0 < seconds < 10**7:
         raise ConfigError(f'"{key}" must be a positive number of seconds, not {value!r}')
     return seconds
+
+
+def _count(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f'"{key}" must be a whole number of at least 1, not {value!r}')
+    return value
 
 
 def _bool(value: Any, key: str) -> bool:

@@ -10,7 +10,8 @@ Two kinds of hooks:
 * registration hooks run once, when a relay starts: ``relay_register_handlers``,
   ``relay_register_ciphers``, ``relay_add_arguments``, ``relay_configure``;
 * session hooks run once per session: ``relay_session_started``, ``relay_target_chosen``,
-  ``relay_open_upstream``, ``relay_session_finished``.
+  ``relay_open_upstream`` (streams) or ``relay_open_datagram_upstream`` (datagrams),
+  ``relay_session_finished``. A datagram session is one client address's association.
 
 No hook runs per chunk of data: per-chunk work is done by the objects a hook returns (a cipher's
 encoder and decoder, an upstream's socket), which the pump calls directly.
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .endpoint import Endpoint
     from .session import Session
+    from .udp import DatagramUpstream
 
 PROJECT = "relay"
 ENTRY_POINT_GROUP = "relay.plugins"
@@ -43,7 +45,7 @@ __all__ = ["hookspec", "hookimpl", "HandlerSpec", "ENTRY_POINT_GROUP"]
 
 @dataclass(frozen=True)
 class HandlerSpec:
-    """A named handler: what a relay does with an accepted stream session.
+    """A named handler: what a relay does with an accepted stream (and, optionally, datagrams).
 
     ``handler`` is a ``socketserver.BaseRequestHandler`` subclass, used exactly as socketserver
     uses one: ``self.request`` is the connected socket, ``self.client_address`` the peer,
@@ -56,6 +58,9 @@ class HandlerSpec:
     name: str
     handler: type[socketserver.BaseRequestHandler]
     description: str = ""
+    datagram_handler: type[socketserver.BaseRequestHandler] | None = None
+    """The same for datagrams (``--udp``), or None: ``self.request`` is ``(data, socket)`` as
+    socketserver's UDP servers give it. Datagram front-ends subclass ``relay.udp.DatagramHandler``."""
 
 
 @hookspec
@@ -102,7 +107,8 @@ def relay_configure(config: Config) -> None:
 
 @hookspec
 def relay_session_started(session: Session) -> None:
-    """A session was accepted; ``session.client`` is the peer's address.
+    """A session was accepted (a stream, or a UDP association's first datagram);
+    ``session.client`` is the peer's address.
 
     Called in the session's own thread before its handler runs. Raising ends this session only
     (the traceback is logged once).
@@ -112,7 +118,7 @@ def relay_session_started(session: Session) -> None:
 @hookspec
 def relay_target_chosen(session: Session, target: Address) -> None:
     """The session's handler has chosen a target (from SOCKS5, the tunnel setting, or the
-    Shadowsocks request header).
+    Shadowsocks request header). For a UDP association: the first time each target is seen.
 
     Called before ``relay_open_upstream``. Raise ``relay.TargetRefused`` to refuse the target:
     a SOCKS5 client is answered "connection not allowed by ruleset".
@@ -129,6 +135,19 @@ def relay_open_upstream(session: Session, target: Address) -> Endpoint | None:
     else with a direct TCP connection after the private-address policy checked every resolved
     address. Return ``None`` to let the next implementation decide; raise ``TargetRefused`` or
     ``OSError`` to fail the session.
+    """
+
+
+@hookspec(firstresult=True)
+def relay_open_datagram_upstream(session: Session) -> DatagramUpstream | None:
+    """Open where a new UDP association's datagrams go; return a ``relay.udp.DatagramUpstream``.
+
+    Called once per association (the first datagram from a client address), in the relay's
+    datagram thread: do not block for long. The upstream's ``send(target, payload)`` is called for
+    every datagram, ``receive()`` whenever its ``sock`` is readable. The first non-None result
+    wins: the shadowsocks plugin answers on a local relay (an encrypted socket to the server);
+    the core answers last with the remote's ``--handler`` or a direct socket whose every
+    datagram target is checked against the private-address policy.
     """
 
 

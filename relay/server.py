@@ -52,6 +52,7 @@ class RelayServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def __init__(self, config: Config, hook: Any, address: Address) -> None:
         self.config = config
         self.hook = hook
+        self.udp_server: Any = None  # the RelayUDPServer on the same port, when UDP is on
         self._live: set[socket.socket] = set()
         self._live_lock = threading.Lock()
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

@@ -14,6 +14,13 @@ Request and reply (the address is relay.address's ATYP form)::
     | VER | REP |  RSV  | ATYP | BND.ADDR | BND.PORT |   reply
     +-----+-----+-------+------+----------+----------+
 
+A UDP datagram between client and relay, after UDP ASSOCIATE::
+
+    +-----+------+------+----------+----------+------+
+    | RSV | FRAG | ATYP | DST.ADDR | DST.PORT | DATA |
+    |  2  |  1   |      |          |    2     |      |
+    +-----+------+------+----------+----------+------+
+
 Use: feed bytes with ``receive_data`` (``b""`` means EOF), pull events with ``next_event``
 (``NEED_DATA`` until a whole message is in), and turn answers into bytes with ``send``.
 """
@@ -39,6 +46,9 @@ __all__ = [
     "NEED_DATA",
     "State",
     "Socks5Server",
+    "Datagram",
+    "parse_datagram",
+    "build_datagram",
 ]
 
 VERSION = 5
@@ -191,3 +201,26 @@ def _parse_request(buffer: bytearray) -> tuple[Request | NeedData, int]:
     target, end = decoded
     return Request(command, target), end
 
+
+
+@dataclass(frozen=True)
+class Datagram:
+    fragment: int
+    address: Address
+    payload: bytes
+
+
+def parse_datagram(data: bytes | memoryview) -> Datagram:
+    """A client's UDP datagram; ProtocolError if the header is not whole."""
+    if len(data) < 4 or data[0] or data[1]:
+        raise ProtocolError("not a SOCKS5 UDP datagram (reserved bytes are not zero)")
+    decoded = decode_address(data, 3)
+    if decoded is None:
+        raise ProtocolError("SOCKS5 UDP datagram too short for its address")
+    address, end = decoded
+    return Datagram(data[2], address, bytes(data[end:]))
+
+
+def build_datagram(address: Address, payload: bytes | memoryview) -> bytes:
+    """A datagram for the client: the answer, and the address it came from."""
+    return b"\x00\x00\x00" + encode_address(address) + bytes(payload)

@@ -24,6 +24,8 @@ from .server import RelayServer
 
 __all__ = [
     "socks5_connect",
+    "Socks5UDPClient",
+    "udp_echo_server",
     "serve_in_thread",
     "start_relay",
     "make_config",
@@ -54,6 +56,78 @@ def socks5_connect(proxy: Address, target: Address, timeout: float = 10.0) -> so
         sock.close()
         raise
     return sock
+
+
+class Socks5UDPClient:
+    """A SOCKS5 UDP ASSOCIATE client: the control connection stays open while it lives."""
+
+    def __init__(self, proxy: Address, timeout: float = 10.0, port: int = 0) -> None:
+        from .socks5 import build_datagram, parse_datagram
+
+        self._build, self._parse = build_datagram, parse_datagram
+        self.control = socket.create_connection(tuple(proxy), timeout=timeout)
+        try:
+            family = self.control.family
+            self.sock = socket.socket(family, socket.SOCK_DGRAM)
+            self.sock.settimeout(timeout)
+            self.sock.bind((self.control.getsockname()[0], port))
+            self.control.sendall(b"\x05\x01\x00")
+            if recv_exactly(self.control, 2) != b"\x05\x00":
+                raise Socks5Error(0xFF, "proxy refused our methods")
+            self.control.sendall(b"\x05\x03\x00" + encode_address(Address("0.0.0.0", 0)))
+            head = recv_exactly(self.control, 4)
+            if head[1] != 0:
+                raise Socks5Error(head[1], f"proxy replied {head[1]:#04x}")
+            from .address import decode_address
+
+            rest = {1: 4, 4: 16}.get(head[3])
+            tail = recv_exactly(self.control, (rest if rest is not None else recv_exactly(self.control, 1)[0]) + 2)
+            decoded = decode_address(head[3:] + tail)
+            assert decoded is not None
+            self.relay = decoded[0]
+        except BaseException:
+            self.close()
+            raise
+
+    def sendto(self, payload: bytes, target: Address) -> None:
+        self.sock.sendto(self._build(target, payload), (self.relay.host, self.relay.port))
+
+    def recvfrom(self) -> tuple[bytes, Address]:
+        datagram = self._parse(self.sock.recv(65535))
+        return datagram.payload, datagram.address
+
+    def close(self) -> None:
+        for sock in (getattr(self, "sock", None), self.control):
+            if sock is not None:
+                sock.close()
+
+    def __enter__(self) -> Socks5UDPClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def udp_echo_server(host: str = "127.0.0.1", upper: bool = False) -> Iterator[Address]:
+    """A plain stdlib UDP server echoing every datagram back (upper-cased if asked)."""
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, sock = self.request
+            sock.sendto(data.upper() if upper else data, self.client_address)
+
+    server_class = type("_UDPServer", (socketserver.UDPServer,), {"max_packet_size": 65535, "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+    server = server_class((host, 0), Echo)
+    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield Address(host, server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -13,8 +13,9 @@ from .net import connect_tcp
 from .policy import forbidden_reason
 from .server import start_terminal_handler
 from .session import Session
+from .udp import DatagramUpstream, DirectDatagramUpstream, HandlerDatagramUpstream
 
-__all__ = ["relay_open_upstream"]
+__all__ = ["relay_open_upstream", "relay_open_datagram_upstream"]
 
 
 @hookimpl(trylast=True)
@@ -28,3 +29,13 @@ def relay_open_upstream(session: Session, target: Address) -> Endpoint:
     sock = connect_tcp(target, config.connect_timeout, check)
     host, port = sock.getsockname()[:2]
     return Endpoint(sock, bound=Address(str(host), int(port)))
+
+
+@hookimpl(trylast=True)
+def relay_open_datagram_upstream(session: Session) -> DatagramUpstream:
+    """A remote's ``--handler`` answers the datagrams itself; otherwise send them directly,
+    checking every target against the private-address policy."""
+    config = session.config
+    if config.upstream_handler is not None and config.upstream_handler.datagram_handler is not None:
+        return HandlerDatagramUpstream(session, config.upstream_handler.datagram_handler)
+    return DirectDatagramUpstream(None if config.allow_private else forbidden_reason)

@@ -81,6 +81,8 @@ def test_tunnel_and_handler(pm):
         ("remote", {"password": "p", "handler": "nope"}, {}, "unknown handler 'nope'"),
         ("local", {"password": "p", "server": "h:1", "protocol": "tunnel"}, {}, "--forward"),
         ("local", {"password": "p", "server": "h:1"}, {"plugin": "obfs-local"}, "SIP003"),
+        ("remote", {"password": "p"}, {"udp_max_associations": 0}, "udp_max_associations"),
+        ("remote", {"password": "p"}, {"udp_timeout": "never"}, "udp_timeout"),
     ],
 )
 def test_errors_name_the_problem(pm, role, flags, file, message):
@@ -89,10 +91,17 @@ def test_errors_name_the_problem(pm, role, flags, file, message):
     assert "\n" not in str(info.value)
 
 
-def test_unknown_key_is_a_warning_and_udp_mode_says_tcp_only(pm):
-    config = make_config("remote", pm, file={"password": "p", "passwrod": "typo", "mode": "tcp_and_udp"})
+def test_unknown_key_is_a_warning(pm):
+    config = make_config("remote", pm, file={"password": "p", "passwrod": "typo"})
     assert any("passwrod" in w for w in config.warnings)
-    assert any("UDP" in w for w in config.warnings)
+
+
+def test_udp_settings(pm):
+    config = make_config("remote", pm, file={"password": "p", "mode": "tcp_and_udp", "udp_timeout": 60, "udp_max_associations": 10})
+    assert config.tcp and config.udp and config.udp_timeout == 60 and config.udp_max_associations == 10
+    only = make_config("local", pm, server="h:1", password="p", mode="udp_only")
+    assert only.udp and not only.tcp and only.udp_timeout == 300 and only.udp_max_associations == 1024
+    assert not make_config("remote", pm, password="p").udp
 
 
 def test_load_file_errors(tmp_path):

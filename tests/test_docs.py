@@ -16,7 +16,7 @@ def hook_names():
 
 def test_every_hook_is_documented_with_its_parameters():
     names = hook_names()
-    assert len(names) == 8
+    assert len(names) == 9
     guide = README.split("## Writing a handler plugin", 1)[1].split("\n## ", 1)[0]
     for name in names:
         row = re.search(rf"^\| `{name}` \| `\(([^)]*)\)", guide, re.M)

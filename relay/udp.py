@@ -1,0 +1,427 @@
+"""The datagram side: a socketserver UDP server per relay, NAT-style associations, upstreams.
+
+Classes for the caller:
+    RelayUDPServer        a ThreadingUDPServer: relay's own front-end handlers (DatagramHandler
+                          subclasses) run inline, since they never block; any other handler
+                          runs in a thread per datagram, as socketserver runs it
+    DatagramHandler       base class of datagram front-ends (socks5, tunnel, shadowsocks)
+    DirectDatagramUpstream, HandlerDatagramUpstream   the core's upstreams
+
+Datagram flow, for one client address (one association, one Session)::
+
+    client --datagram--> front-end handler --forward(target, payload)--> upstream.send
+    client <--reply(source, payload)-- association <--receive()-- upstream socket (reader thread)
+
+The reader thread waits on every upstream socket with one selector and expires idle associations.
+Malformed packets, wrong keys, forbidden targets: dropped and counted in ``server.stats``; the
+relay keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import selectors
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from .address import Address
+from .associations import AssociationTable
+from .config import Config
+from .errors import ProtocolError, RelayError, TargetRefused
+from .session import Session
+
+__all__ = [
+    "RelayUDPServer",
+    "DatagramHandler",
+    "DatagramUpstream",
+    "DirectDatagramUpstream",
+    "HandlerDatagramUpstream",
+    "Association",
+    "MAX_DATAGRAM",
+    "udp_socket",
+]
+
+log = logging.getLogger("relay")
+
+MAX_DATAGRAM = 65535
+SOCKET_BUFFER = 4 << 20  # room for bursts: the kernel caps it at net.core.rmem_max/wmem_max
+SWEEP_INTERVAL = 1.0
+_CHECKED_TARGETS = 256  # per association: targets that already passed relay_target_chosen
+_RESOLVE_TTL = 30.0
+
+
+class DatagramUpstream(Protocol):
+    """Where an association's datagrams go. ``sock`` (or None) is read by the reader thread,
+    which calls ``receive`` when it is readable; an upstream without a socket answers through
+    ``on_answer(source, payload)``, which the server sets."""
+
+    sock: socket.socket | None
+    on_answer: Callable[[Address, bytes], None] | None
+
+    def send(self, target: Address, payload: bytes) -> None: ...
+
+    def receive(self) -> tuple[Address, bytes] | None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Association:
+    key: Any
+    session: Session
+    upstream: DatagramUpstream
+    reply: Callable[[Address, bytes], None]
+    checked: set[Address] = field(default_factory=set)
+
+
+def udp_socket(family: int = socket.AF_INET) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        except OSError:
+            pass
+    return sock
+
+
+def _host(sockaddr: tuple) -> str:
+    host = str(sockaddr[0])
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+class DirectDatagramUpstream:
+    """One dual-stack UDP socket per association, to any target the policy allows.
+
+    Every datagram's target is resolved (cached for 30 s) and every resolved address checked;
+    the checked address is the one the datagram is sent to.
+    """
+
+    on_answer = None
+
+    def __init__(self, check: Callable[[str], str | None] | None) -> None:
+        self._check = check
+        self._cache: dict[Address, tuple[tuple, float]] = {}
+        try:
+            self.sock = udp_socket(socket.AF_INET6)
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            self._dual = True
+        except OSError:  # no IPv6 on this host
+            self.sock = udp_socket(socket.AF_INET)
+            self._dual = False
+        self.sock.bind(("::" if self._dual else "0.0.0.0", 0))
+
+    def send(self, target: Address, payload: bytes) -> None:
+        self.sock.sendto(payload, self._resolve(target))
+
+    def receive(self) -> tuple[Address, bytes] | None:
+        data, sockaddr = self.sock.recvfrom(MAX_DATAGRAM)
+        return Address(_host(sockaddr), sockaddr[1]), data
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _resolve(self, target: Address) -> tuple:
+        now = time.monotonic()
+        cached = self._cache.get(target)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        refused = []
+        for family, _, _, _, sockaddr in socket.getaddrinfo(target.host, target.port, type=socket.SOCK_DGRAM):
+            ip = str(sockaddr[0])
+            reason = self._check(ip) if self._check else None
+            if reason:
+                refused.append(f"{ip} ({reason})")
+                continue
+            if family == socket.AF_INET6 and not self._dual:
+                continue
+            if family == socket.AF_INET and self._dual:
+                sockaddr = ("::ffff:" + ip, sockaddr[1], 0, 0)
+            if len(self._cache) >= _CHECKED_TARGETS:
+                self._cache.clear()
+            self._cache[target] = (sockaddr, now + _RESOLVE_TTL)
+            return sockaddr
+        if refused:
+            raise TargetRefused(f"{target.host} is forbidden: {', '.join(refused)}; start the remote with --allow-private to allow it")
+        raise OSError(errno.EAFNOSUPPORT, f"no usable address for {target.host}")
+
+
+class _AnswerSocket:
+    """What a datagram handler at the far end of a tunnel gets as its socket: ``sendto`` answers
+    the tunnelled client (the address given is ignored; the answer comes from the target)."""
+
+    def __init__(self, answer: Callable[[Address, bytes], None], source: Address) -> None:
+        self._answer = answer
+        self._source = source
+
+    def sendto(self, data: bytes, address: Any = None) -> int:
+        self._answer(self._source, bytes(data))
+        return len(data)
+
+
+class HandlerDatagramUpstream:
+    """A remote's ``--handler`` answering tunnelled datagrams: each one runs the handler's
+    datagram class as socketserver's UDP servers do, ``self.request == (data, socket)``."""
+
+    sock = None
+
+    def __init__(self, session: Session, handler_class: type[socketserver.BaseRequestHandler]) -> None:
+        self.session = session
+        self.handler_class = handler_class
+        self.on_answer: Callable[[Address, bytes], None] | None = None
+
+    def send(self, target: Address, payload: bytes) -> None:
+        assert self.on_answer is not None
+        request = (payload, _AnswerSocket(self.on_answer, target))
+        run_datagram_handler(self.session.server, self.handler_class, request, tuple(self.session.client), self.session)
+
+    def receive(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def run_datagram_handler(server: Any, handler_class: type, request: Any, client_address: Any, session: Session) -> None:
+    handler = handler_class.__new__(handler_class)
+    handler.session = session
+    handler_class.__init__(handler, request, client_address, server)
+
+
+class DatagramHandler(socketserver.BaseRequestHandler):
+    """Base class of datagram front-ends; they run inline in the server's thread.
+
+    ``self.request`` is ``(data, socket)`` as in socketserver. Helpers for subclasses:
+        association(reply)        the client's association, created on its first datagram
+        forward(association, target, payload)
+        drop(reason)              count (and debug-log) a datagram that goes nowhere
+    """
+
+    inline = True
+    server: RelayUDPServer
+
+    def association(self, reply: Callable[[Address, bytes], None]) -> Association | None:
+        return self.server.associate(self.client_address, reply)
+
+    def forward(self, association: Association, target: Address, payload: bytes) -> None:
+        self.server.forward(association, target, payload)
+
+    def drop(self, reason: str) -> None:
+        self.server.drop(reason, self.client_address)
+
+
+class RelayUDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
+    """One UDP socket of a relay and its association table.
+
+    Methods for the caller: socketserver's, and ``close_sessions()``. ``stats`` counts what
+    was dropped and why. ``data`` is free for plugins to keep per-server state in.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = False  # on UDP it would let a second process share the port
+    max_packet_size = MAX_DATAGRAM
+
+    def __init__(self, config: Config, hook: Any, address: Address) -> None:
+        handler = config.handler.datagram_handler
+        if handler is None:
+            raise RelayError(f"handler {config.handler.name!r} does not handle datagrams")
+        self.config = config
+        self.hook = hook
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.data: dict[str, Any] = {}
+        self.associations: AssociationTable[Any, Association] = AssociationTable(config.udp_max_associations, config.udp_timeout)
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+        self.address_family = infos[0][0]
+        super().__init__(infos[0][4][:2], handler)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            except OSError:
+                pass
+        self._selector = selectors.DefaultSelector()
+        self._stopping = threading.Event()
+        self._wake_reader, self._waker = socket.socketpair()  # server_close wakes the reader at once
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._reader = threading.Thread(target=self._read_answers, name=f"udp-answers-{self.address}", daemon=True)
+        self._reader.start()
+
+    @property
+    def address(self) -> Address:
+        host, port = self.server_address[:2]
+        return Address(str(host), int(port))
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self.associations)
+
+    # -- socketserver's request path
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if getattr(self.RequestHandlerClass, "inline", False):
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
+                self.handle_error(request, client_address)
+        else:
+            super().process_request(request, client_address)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        handler_class = self.RequestHandlerClass
+        if issubclass(handler_class, DatagramHandler):
+            handler_class(request, client_address, self)  # its session is the association's
+        else:
+            session = Session(config=self.config, client=Address(_host(client_address), client_address[1]), server=self)
+            run_datagram_handler(self, handler_class, request, client_address, session)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        error = sys.exc_info()[1]
+        if isinstance(error, (ProtocolError, OSError, TargetRefused)):
+            self.drop(type(error).__name__, client_address, error)
+        else:
+            self.stats["handler error"] += 1
+            log.exception("datagram from %s: handler failed", _peer(client_address))
+
+    # -- associations
+
+    def associate(self, client_address: Any, reply: Callable[[Address, bytes], None]) -> Association | None:
+        """The client's association, opening it (session hooks, upstream hook) on first use."""
+        association = self.associations.get(client_address)
+        if association is not None:
+            return association
+        session = Session(config=self.config, client=Address(_host(client_address), client_address[1]), server=self)
+        try:
+            self.hook.relay_session_started(session=session)
+            upstream = self.hook.relay_open_datagram_upstream(session=session)
+            if upstream is None:
+                raise RelayError("no plugin opened a datagram upstream")
+        except Exception as e:  # noqa: BLE001 - a failed association drops its datagram only
+            self.drop("association failed", client_address, e)
+            self._finish(session, e)
+            return None
+        association = Association(client_address, session, upstream, reply)
+        upstream.on_answer = lambda source, payload: self._answer(association, source, payload)
+        if upstream.sock is not None:
+            self._selector.register(upstream.sock, selectors.EVENT_READ, association)
+        for _, evicted in self.associations.add(client_address, association):
+            self.stats["evicted"] += 1
+            log.info("%s: evicted (the table is full at %d associations)", evicted.session, self.associations.capacity)
+            self._close(evicted, None)
+        return association
+
+    def forward(self, association: Association, target: Address, payload: bytes) -> None:
+        session = association.session
+        try:
+            if target not in association.checked:
+                self.hook.relay_target_chosen(session=session, target=target)
+                if len(association.checked) >= _CHECKED_TARGETS:
+                    association.checked.clear()
+                association.checked.add(target)
+                if session.target is None:
+                    session.target = target
+            association.upstream.send(target, payload)
+        except TargetRefused as e:
+            self.stats["forbidden"] += 1
+            log.warning("%s: datagram to %s dropped: %s", session, target, e)
+            return
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                self.stats["too large"] += 1
+                log.warning("%s: datagram of %d bytes to %s dropped: too large to send", session, len(payload), target)
+                return
+            self.drop("send failed", association.key, e)
+            return
+        session.bytes_up += len(payload)
+
+    def close_association(self, key: Any) -> None:
+        association = self.associations.pop(key)
+        if association is not None:
+            self._close(association, None)
+
+    def drop(self, reason: str, client_address: Any, error: BaseException | None = None) -> None:
+        self.stats[reason] += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("datagram from %s dropped: %s%s", _peer(client_address), reason, f": {error}" if error else "")
+
+    def _answer(self, association: Association, source: Address, payload: bytes) -> None:
+        try:
+            association.reply(source, payload)
+        except OSError as e:
+            self.drop("reply failed", association.key, e)
+            return
+        association.session.bytes_down += len(payload)
+
+    def _read_answers(self) -> None:
+        next_sweep = time.monotonic() + SWEEP_INTERVAL
+        while not self._stopping.is_set():
+            try:
+                events = self._selector.select(SWEEP_INTERVAL)
+            except (OSError, ValueError):
+                if self._stopping.is_set():
+                    return
+                raise
+            for key, _ in events:
+                association: Association | None = key.data
+                if association is None:
+                    return  # woken by server_close
+                try:
+                    answer = association.upstream.receive()
+                except (ProtocolError, OSError) as e:
+                    self.drop("bad answer", association.key, e)
+                    continue
+                if answer is not None:
+                    self.associations.touch(association.key)
+                    self._answer(association, *answer)
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_INTERVAL
+                for _, association in self.associations.expire():
+                    self._close(association, TimeoutError("idle timeout"))
+
+    def _close(self, association: Association, error: BaseException | None) -> None:
+        sock = association.upstream.sock
+        if sock is not None:
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        association.upstream.close()
+        self._finish(association.session, error)
+
+    def _finish(self, session: Session, error: BaseException | None) -> None:
+        summary = f"{session} (udp): {session.bytes_up} B up, {session.bytes_down} B down, {session.duration:.1f} s"
+        if error is None or isinstance(error, TimeoutError):
+            log.info("%s%s", summary, ": idle" if error is not None else "")
+        else:
+            log.warning("%s: %s", summary, error)
+        try:
+            self.hook.relay_session_finished(session=session, error=error)
+        except Exception:  # noqa: BLE001
+            log.exception("%s: relay_session_finished hook failed", session)
+
+    def close_sessions(self) -> None:
+        for _, association in self.associations.clear():
+            self._close(association, None)
+
+    def server_close(self) -> None:
+        self._stopping.set()
+        self._waker.send(b"\0")
+        self._reader.join(SWEEP_INTERVAL + 1)
+        self.close_sessions()
+        self._selector.close()
+        self._waker.close()
+        self._wake_reader.close()
+        super().server_close()
+
+
+def _peer(address: Any) -> str:
+    try:
+        return str(Address(_host(address), address[1]))
+    except (TypeError, IndexError):
+        return repr(address)

@@ -1,0 +1,276 @@
+"""Datagrams end to end: SOCKS5 UDP ASSOCIATE, tunnel mode, handlers, the association table."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import relay_pair
+from relay import Address, hookimpl
+from relay.plugin_manager import get_plugin_manager
+from relay.testing import Socks5UDPClient, make_config, socks5_connect, start_relay, udp_echo_server, wait_until
+
+UDP = {"mode": "tcp_and_udp"}
+
+
+def udp_pair(pm, **kwargs):
+    local = {**UDP, **kwargs.pop("local", {})}
+    remote = {**UDP, **kwargs.pop("remote", {})}
+    return relay_pair(pm, local=local, remote=remote, **kwargs)
+
+
+@pytest.fixture
+def echo_udp():
+    with udp_echo_server() as address:
+        yield address
+
+
+def test_socks5_udp_to_ipv4_ipv6_and_names(pm, echo_udp):
+    with udp_echo_server("::1") as echo6, udp_pair(pm) as (local, _):
+        with Socks5UDPClient(local.address) as client:
+            for target, payload in ((echo_udp, b"four"), (echo6, b"six"), (Address("localhost", echo_udp.port), b"name")):
+                client.sendto(payload, target)
+                answer, source = client.recvfrom()
+                assert answer == payload
+                # the answer's header names where it came from: the address the remote received it from
+                assert source.port == target.port and source.host in ("127.0.0.1", "::1")
+
+
+def build_dns_query(name: str, ident: int) -> bytes:
+    question = b"".join(bytes((len(part),)) + part.encode() for part in name.split(".")) + b"\x00"
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + question + struct.pack("!HH", 1, 1)
+
+
+class TinyDNS(threading.Thread):
+    """Answers every A query with 127.0.0.42 (enough of RFC 1035 to be a real DNS exchange)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.address = Address("127.0.0.1", self.sock.getsockname()[1])
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                query, client = self.sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            ident = query[:2]
+            question = query[12:]
+            answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes((127, 0, 0, 42))
+            self.sock.sendto(ident + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + question + answer, client)
+
+    def __enter__(self):
+        self.start()
+        return self.address
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.join(2)
+        self.sock.close()
+
+
+def test_dns_query_through_the_pair(pm):
+    with TinyDNS() as dns, udp_pair(pm) as (local, _):
+        with Socks5UDPClient(local.address) as client:
+            client.sendto(build_dns_query("relay.example", 0x1234), dns)
+            answer, _ = client.recvfrom()
+    assert answer[:2] == b"\x12\x34" and answer[3] & 0x0F == 0  # our id, no error
+    assert answer[-4:] == bytes((127, 0, 0, 42))
+
+
+def test_tunnel_mode_udp(pm, echo_udp):
+    with udp_pair(pm, local={"protocol": "tunnel", "forward": echo_udp}) as (local, _):
+        port = local.udp_server.address.port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            for payload in (b"one", b"two", os.urandom(1200)):
+                sock.sendto(payload, ("127.0.0.1", port))
+                assert sock.recv(65535) == payload
+
+
+@pytest.mark.parametrize("handler,expected", [("uppercase", b"HELLO WORLD\n"), ("echo", b"hello world\n")])
+def test_serve_udp_handlers(pm, handler, expected):
+    """socketserver's UDP examples: the request is the datagram and the socket."""
+    with start_relay(make_config("serve", pm, handler=handler, mode="udp_only"), pm) as server:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(b"hello world\n", tuple(server.address))
+            assert sock.recv(1024) == expected
+
+
+def test_remote_handler_answers_tunnelled_datagrams(pm):
+    with udp_pair(pm, remote={"handler": "uppercase"}) as (local, _):
+        with Socks5UDPClient(local.address) as client:
+            client.sendto(b"shout", Address("127.0.0.1", 9))
+            assert client.recvfrom() == (b"SHOUT", Address("127.0.0.1", 9))
+
+
+def test_answers_go_back_to_the_right_client(pm, echo_udp):
+    with udp_pair(pm) as (local, remote):
+        with Socks5UDPClient(local.address) as first, Socks5UDPClient(local.address) as second:
+            for i in range(20):
+                first.sendto(b"first %d" % i, echo_udp)
+                second.sendto(b"second %d" % i, echo_udp)
+                assert first.recvfrom()[0] == b"first %d" % i
+                assert second.recvfrom()[0] == b"second %d" % i
+            # one association (one upstream socket) per client address, on both relays
+            assert local.udp_server.live_sessions == 2 and remote.udp_server.live_sessions == 2
+
+
+def test_closing_the_control_connection_ends_the_association(pm, echo_udp):
+    with udp_pair(pm) as (local, _):
+        client = Socks5UDPClient(local.address)
+        client.sendto(b"x", echo_udp)
+        assert client.recvfrom()[0] == b"x"
+        assert local.udp_server.live_sessions == 1
+        client.control.close()
+        assert wait_until(lambda: local.udp_server.live_sessions == 0)
+        client.sock.sendto(b"\x00\x00\x00" + bytes((1, 127, 0, 0, 1)) + echo_udp.port.to_bytes(2, "big") + b"late", tuple(client.relay))
+        assert wait_until(lambda: local.udp_server.stats["not associated"] == 1)
+        client.close()
+
+
+def test_other_sources_and_fragments_are_dropped_and_counted(pm, echo_udp):
+    with udp_pair(pm) as (local, _):
+        with Socks5UDPClient(local.address) as client:
+            client.sendto(b"mine", echo_udp)
+            assert client.recvfrom()[0] == b"mine"
+            header = b"\x00\x00\x00" + bytes((1, 127, 0, 0, 1)) + echo_udp.port.to_bytes(2, "big")
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+                stranger.sendto(header + b"not mine", tuple(client.relay))
+            client.sock.sendto(b"\x00\x00\x01" + header[3:] + b"fragment", tuple(client.relay))
+            client.sock.sendto(b"\x01\x00\x00garbage", tuple(client.relay))
+            client.sendto(b"still served", echo_udp)
+            assert client.recvfrom()[0] == b"still served"
+            stats = local.udp_server.stats
+            assert wait_until(lambda: stats["not associated"] == 1 and stats["fragmented"] == 1 and stats["ProtocolError"] == 1), stats
+
+
+def test_wrong_key_and_garbage_at_the_remote_are_dropped(pm, echo_udp):
+    with udp_pair(pm, password="right") as (local, remote):
+        wrong = make_config("local", pm, password="wrong", server=remote.address, **UDP)
+        with start_relay(wrong, pm) as bad_local, Socks5UDPClient(bad_local.address, timeout=0.5) as client:
+            client.sendto(b"wrong key", echo_udp)
+            with pytest.raises(TimeoutError):
+                client.recvfrom()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
+            for junk in (b"", b"x", os.urandom(100), os.urandom(2000)):
+                raw.sendto(junk, tuple(remote.address))
+        assert wait_until(lambda: remote.udp_server.stats["undecryptable"] == 5), remote.udp_server.stats
+        with Socks5UDPClient(local.address) as client:
+            client.sendto(b"right key", echo_udp)
+            assert client.recvfrom()[0] == b"right key"
+
+
+def test_remote_refuses_private_targets_for_datagrams(pm, echo_udp, caplog):
+    caplog.set_level(logging.INFO, logger="relay")
+    with udp_pair(pm, remote={"allow_private": False}) as (local, remote):
+        with Socks5UDPClient(local.address, timeout=0.5) as client:
+            client.sendto(b"secret", echo_udp)
+            client.sendto(b"secret", Address("localhost", echo_udp.port))
+            with pytest.raises(TimeoutError):
+                client.recvfrom()
+    assert remote.udp_server.stats["forbidden"] == 2
+    assert "loopback address" in caplog.text
+
+
+def test_largest_datagram_and_the_documented_limit(pm, echo_udp, caplog):
+    """IPv4 carries at most 65,507 bytes of UDP payload; the tunnel adds salt, address and tag,
+    so through a chacha20 pair the largest payload to an IPv4 target is 65,507 - 32 - 7 - 16."""
+    limit = 65507 - 32 - 7 - 16
+    caplog.set_level(logging.INFO, logger="relay")
+    with udp_pair(pm) as (local, _):
+        with Socks5UDPClient(local.address, timeout=2) as client:
+            payload = os.urandom(limit)
+            client.sendto(payload, echo_udp)
+            assert client.recvfrom()[0] == payload
+            client.sendto(os.urandom(limit + 1), echo_udp)
+            assert wait_until(lambda: local.udp_server.stats["too large"] == 1)
+    assert "too large" in caplog.text
+
+
+def test_associations_expire_and_are_bounded(pm, echo_udp, caplog):
+    caplog.set_level(logging.INFO, logger="relay")
+    finished = []
+
+    class Recorder:
+        @hookimpl
+        def relay_session_finished(self, session, error):
+            if session.server is not None and hasattr(session.server, "associations"):
+                finished.append((session.role, type(error).__name__ if error else None))
+
+    pm = get_plugin_manager((Recorder(),))
+    with udp_pair(pm, local={"protocol": "tunnel", "forward": echo_udp}, remote={"udp_timeout": 1, "udp_max_associations": 2}) as (local, remote):
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+        try:
+            for sock in socks:
+                sock.settimeout(5)
+                sock.sendto(b"hi", tuple(local.udp_server.address))
+                assert sock.recv(100) == b"hi"
+            assert remote.udp_server.live_sessions == 2  # the least recently used was evicted
+            assert remote.udp_server.stats["evicted"] == 1
+            assert "evicted" in caplog.text
+            assert wait_until(lambda: remote.udp_server.live_sessions == 0, timeout=5)  # idle for udp_timeout
+            assert ("remote", "TimeoutError") in finished
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_ten_thousand_datagrams_arrive_in_order(pm, echo_udp):
+    """Loss bound: at most 0.5% with at most 32 datagrams in flight on loopback (none is
+    expected; the bound absorbs a loaded CI machine)."""
+    total, window = 10_000, 32
+    with udp_pair(pm) as (local, _):
+        with Socks5UDPClient(local.address, timeout=1) as client:
+            sent = received = 0
+            last = -1
+            deadline = time.monotonic() + 120
+            while received < total and time.monotonic() < deadline:
+                while sent < total and sent - received < window:
+                    client.sendto(struct.pack("!I", sent) + bytes(100), echo_udp)
+                    sent += 1
+                try:
+                    payload, _ = client.recvfrom()
+                except TimeoutError:
+                    if sent == total:
+                        break
+                    received = sent  # count the window as lost and carry on
+                    continue
+                seq = struct.unpack("!I", payload[:4])[0]
+                assert seq > last, "out of order"
+                last = seq
+                received += 1
+            lost = total - received
+    assert lost <= total * 0.005, f"{lost} of {total} lost"
+
+
+def test_udp_association_with_a_stream_relay_still_working(pm, echo_udp, echo_target):
+    """UDP and TCP share the port, and a pair relaying both keeps streams working."""
+    with udp_pair(pm) as (local, _):
+        assert local.udp_server.address.port == local.address.port
+        with socks5_connect(local.address, echo_target) as sock:
+            sock.sendall(b"tcp")
+            assert sock.recv(3) == b"tcp"
+        with Socks5UDPClient(local.address) as client:
+            client.sendto(b"udp", echo_udp)
+            assert client.recvfrom()[0] == b"udp"
+
+
+def test_udp_associate_without_udp_is_not_supported(pm, pair):
+    local, _ = pair
+    from relay import Socks5Error
+
+    with pytest.raises(Socks5Error) as info:
+        Socks5UDPClient(local.address)
+    assert info.value.reply_code == 7
