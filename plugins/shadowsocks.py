@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from relay import Address, Endpoint, HandlerSpec, ProtocolError, RelayHandler, Session, hookimpl
+from relay import Address, Config, ConfigError, Endpoint, HandlerSpec, ProtocolError, RelayHandler, Session, hookimpl
 from relay.address import decode_address, encode_address
 from relay.aead import Aead2017Cipher
 from relay.codec import DatagramCodec
@@ -43,24 +43,27 @@ class ShadowsocksHandler(RelayHandler):
         conn = self.request
         decryptor = config.cipher.decryptor(config.key)
         plaintext = bytearray()
+        # One deadline from accept for the header and for draining a failure alike, so when the
+        # connection closes says nothing about how many bytes it took to fail.
+        deadline = self.session.started + config.handshake_timeout
         try:
             while (parsed := decode_address(plaintext)) is None:
+                conn.settimeout(max(deadline - time.monotonic(), 0.001))
                 n = conn.recv_into(decryptor.recv_buffer())
                 if not n:
                     decryptor.eof()
                     raise ProtocolError("closed before sending a target")
                 plaintext += decryptor.received(n)
         except ProtocolError as e:
-            self._drain(config.handshake_timeout)
+            self._drain(deadline)
             raise ProtocolError(f"refused: {e}") from None
         target, end = parsed
         upstream = self.open_upstream(target)
         encryptor = config.cipher.encryptor(config.key)
         self.relay(upstream, decoder=decryptor, encoder=encryptor, early=bytes(plaintext[end:]))
 
-    def _drain(self, seconds: float) -> None:
+    def _drain(self, deadline: float) -> None:
         """Say nothing to a peer that failed to authenticate: read until it closes or time is up."""
-        deadline = time.monotonic() + seconds
         buffer = bytearray(16 * 1024)
         try:
             while (left := deadline - time.monotonic()) > 0:
@@ -113,6 +116,12 @@ class ShadowsocksDatagramUpstream:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@hookimpl
+def relay_configure(config: Config) -> None:
+    if config.handler.handler is ShadowsocksHandler and config.cipher is None:
+        raise ConfigError("the shadowsocks handler needs a method and a password: run it with `relay remote`")
 
 
 @hookimpl

@@ -140,7 +140,10 @@ class AeadStreamDecryptor:
     """Ciphertext in, plaintext out; partial chunks wait in the receive buffer."""
 
     def __init__(self, aead: AeadFactory, key: bytes, salt_size: int, capacity: int = DEFAULT_BUFFER_SIZE) -> None:
-        capacity = max(capacity, 2 * _MAX_CHUNK)
+        # Start with room for one whole chunk; double whenever a receive fills what was offered.
+        initial = _MAX_CHUNK + salt_size
+        self._capacity = max(capacity, initial)
+        self._filled = False
         self.salt: bytes | None = None
         self._aead_factory = aead
         self._key = key
@@ -148,20 +151,28 @@ class AeadStreamDecryptor:
         self._decrypt_into: Callable[..., int] | None = None
         self._nonce = 0
         self._length = -1  # payload length read from the last length chunk, or -1
-        self._buf = memoryview(bytearray(capacity))
-        self._out = memoryview(bytearray(capacity))
+        self._buf = memoryview(bytearray(initial))
+        self._out = memoryview(bytearray(initial))
         self._length_out = bytearray(LENGTH_SIZE)
         self._start = 0
         self._end = 0
 
     def recv_buffer(self) -> memoryview:
-        if len(self._buf) - self._end < _MAX_CHUNK:
+        if self._filled and len(self._buf) < self._capacity:
+            buf = memoryview(bytearray(min(2 * len(self._buf), self._capacity)))
+            kept = self._end - self._start
+            buf[:kept] = self._buf[self._start : self._end]
+            self._buf, self._out = buf, memoryview(bytearray(len(buf)))
+            self._start, self._end = 0, kept
+        elif len(self._buf) - self._end < _MAX_CHUNK:
             kept = self._end - self._start
             self._buf[:kept] = self._buf[self._start : self._end]
             self._start, self._end = 0, kept
+        self._filled = False
         return self._buf[self._end :]
 
     def received(self, nbytes: int) -> memoryview:
+        self._filled = self._end + nbytes == len(self._buf)
         end = self._end = self._end + nbytes
         pos = self._start
         buf = self._buf

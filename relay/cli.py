@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         plugins, config_path = _preparse(argv)
         file = load_file(config_path) if config_path else {}
-        pm = get_plugin_manager(tuple(plugins) + tuple(file.get("plugins", ()) if isinstance(file.get("plugins"), list) else ()))
+        listed = file.get("plugins", [])
+        pm = get_plugin_manager(tuple(plugins) + (tuple(p for p in listed if isinstance(p, str)) if isinstance(listed, list) else ()))
         parser = build_parser(pm)
         args = parser.parse_args(argv)
         _setup_logging(args.verbose - args.quiet)

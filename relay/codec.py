@@ -17,7 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from .address import Address
 
-__all__ = ["StreamDecoder", "StreamEncoder", "DatagramCodec", "Cipher", "PlainDecoder", "DEFAULT_BUFFER_SIZE"]
+__all__ = ["StreamDecoder", "StreamEncoder", "DatagramCodec", "Cipher", "PlainDecoder", "DEFAULT_BUFFER_SIZE", "INITIAL_BUFFER_SIZE"]
 
 DEFAULT_BUFFER_SIZE = 256 * 1024
 
@@ -74,19 +74,30 @@ class Cipher(Protocol):
         """The UDP packet codec for this key."""
 
 
-class PlainDecoder:
-    """The identity decoder: one fixed buffer, handed out again and again."""
+INITIAL_BUFFER_SIZE = 16 * 1024
 
-    __slots__ = ("_view",)
+
+class PlainDecoder:
+    """The identity decoder: one buffer, handed out again and again.
+
+    It starts small and doubles (up to ``capacity``) each time a receive fills it, so an idle or
+    chatty session costs 16 KiB and a bulk transfer gets large reads.
+    """
+
+    __slots__ = ("_view", "_capacity")
 
     def __init__(self, capacity: int = DEFAULT_BUFFER_SIZE) -> None:
-        self._view = memoryview(bytearray(capacity))
+        self._capacity = capacity
+        self._view = memoryview(bytearray(min(INITIAL_BUFFER_SIZE, capacity)))
 
     def recv_buffer(self) -> memoryview:
         return self._view
 
     def received(self, nbytes: int) -> memoryview:
-        return self._view[:nbytes]
+        view = self._view
+        if nbytes == len(view) and nbytes < self._capacity:
+            self._view = memoryview(bytearray(min(2 * nbytes, self._capacity)))
+        return view[:nbytes]
 
     def eof(self) -> None:
         pass

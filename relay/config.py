@@ -172,7 +172,9 @@ def build_config(
         key_text = pick("key")
         if key_text:
             key = _base64_key(key_text, cipher)
-        elif password:
+        elif password or password == 0:
+            if isinstance(password, (int, float)) and not isinstance(password, bool):
+                password = str(password)  # shadowsocks-libev takes a JSON number as its digits
             if not isinstance(password, str):
                 raise ConfigError('"password" must be a string')
             key = cipher.key_from_password(password)
@@ -192,7 +194,7 @@ def build_config(
                 raise ConfigError(f"{option} {spec.name!r} does not handle datagrams, but mode is {mode}")
 
     plugins = pick("plugins", ())
-    if isinstance(plugins, str) or not all(isinstance(p, str) for p in plugins):
+    if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError('"plugins" must be a list of module names')
 
     return Config(
@@ -313,6 +315,8 @@ def _base64_key(text: Any, cipher: Cipher) -> bytes:
 
 
 def _handler(handlers: Mapping[str, HandlerSpec], name: Any, key: str) -> HandlerSpec:
+    if not isinstance(name, str):
+        raise ConfigError(f'"{key}" must be a handler name, not {name!r}')
     if name in handlers:
         return handlers[name]
     known = ", ".join(sorted(handlers)) or "none"

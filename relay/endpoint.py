@@ -30,3 +30,13 @@ class Endpoint:
     first_flight: bytes | None = None
     bound: Address | None = None
     on_close: Callable[[], None] | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        """Close the socket and run ``on_close``, once."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()

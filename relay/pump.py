@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .codec import PlainDecoder
 from .endpoint import Endpoint
-from .net import close_quietly, set_io_timeout, shutdown_quietly, wait_readable
+from .net import set_io_timeout, shutdown_quietly, wait_readable
 
 __all__ = ["relay", "PumpResult", "FIRST_FLIGHT_WAIT"]
 
@@ -115,7 +115,5 @@ def relay(client: Endpoint, upstream: Endpoint, *, timeout: float, name: str = "
         pump.forward(0, client, upstream)
     finally:
         down.join()
-        close_quietly(upstream.sock)
-        if upstream.on_close is not None:
-            upstream.on_close()
+        upstream.close()
     return PumpResult(pump.moved[0], pump.moved[1], pump.error)

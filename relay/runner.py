@@ -54,7 +54,7 @@ class Runner:
 
     def _listen(self, server_class: type, config: Config, address: Address) -> Any:
         try:
-            server = server_class(config, self.pm.hook, address)
+            server = server_class(config, self.pm.hook, address, v6only=len(config.listen) > 1)
         except OSError as e:
             kind = "udp" if server_class is RelayUDPServer else "tcp"
             raise ConfigError(f"cannot listen on {address} ({kind}): {(e.strerror or str(e)).lower()}") from None

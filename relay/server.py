@@ -27,14 +27,41 @@ from .protocol import NEED_DATA, SansIO
 from .pump import relay as pump_relay
 from .session import Session
 
-__all__ = ["RelayServer", "RelayHandler", "run_handler", "start_terminal_handler", "log"]
+__all__ = ["ListeningAddress", "RelayServer", "RelayHandler", "run_handler", "start_terminal_handler", "log"]
 
 log = logging.getLogger("relay")
 
 BACKLOG = 1024
 
 
-class RelayServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+class ListeningAddress:
+    """What relay's TCP and UDP servers share: resolving the listen address, and binding an IPv6
+    socket to IPv6 only when the relay also listens elsewhere (``"server": ["::", "0.0.0.0"]``,
+    as shadowsocks-libev configs have it)."""
+
+    address_family: int
+    socket_type: int
+    server_address: Any
+    socket: socket.socket
+    v6only = False
+
+    def _resolve(self, address: Address) -> tuple:
+        infos = socket.getaddrinfo(address.host, address.port, type=self.socket_type, flags=socket.AI_PASSIVE)
+        self.address_family = infos[0][0]
+        return infos[0][4][:2]
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6 and self.v6only:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()  # type: ignore[misc]
+
+    @property
+    def address(self) -> Address:
+        host, port = self.server_address[:2]
+        return Address(str(host), int(port))
+
+
+class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TCPServer):
     """One listening socket of a relay.
 
     Methods for the caller: ``serve_forever()``, ``shutdown()``, ``server_close()`` (socketserver's)
@@ -49,20 +76,14 @@ class RelayServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = BACKLOG
 
-    def __init__(self, config: Config, hook: Any, address: Address) -> None:
+    def __init__(self, config: Config, hook: Any, address: Address, v6only: bool = False) -> None:
         self.config = config
         self.hook = hook
+        self.v6only = v6only
         self.udp_server: Any = None  # the RelayUDPServer on the same port, when UDP is on
         self._live: set[socket.socket] = set()
         self._live_lock = threading.Lock()
-        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        self.address_family = infos[0][0]
-        super().__init__(infos[0][4][:2], config.handler.handler)
-
-    @property
-    def address(self) -> Address:
-        host, port = self.server_address[:2]
-        return Address(str(host), int(port))
+        super().__init__(self._resolve(address), config.handler.handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, client_address = super().get_request()
@@ -111,6 +132,7 @@ class RelayHandler(socketserver.BaseRequestHandler):
     session: Session
     server: RelayServer
     error: BaseException | None = None
+    _unrelayed: list[Endpoint] | None = None  # upstreams opened but not (yet) handed to the pump
 
     def next_event(self, protocol: SansIO) -> Any:
         while True:
@@ -127,18 +149,29 @@ class RelayHandler(socketserver.BaseRequestHandler):
         upstream = hook.relay_open_upstream(session=session, target=target)
         if upstream is None:
             raise RelayError("no plugin opened an upstream (is the core plugin registered?)")
+        self.server.track(upstream.sock)
+        if self._unrelayed is None:
+            self._unrelayed = []
+        self._unrelayed.append(upstream)
         return upstream
 
     def relay(self, upstream: Endpoint, decoder: Any = None, encoder: Any = None, early: bytes = b"") -> None:
         """Pump until the session ends. ``decoder``/``encoder`` frame the client's side;
         ``early`` is client data the handshake already read past, sent upstream first."""
         session = self.session
-        self.server.track(upstream.sock)
+        if self._unrelayed and upstream in self._unrelayed:
+            self._unrelayed.remove(upstream)
         try:
-            if early and upstream.first_flight is not None:
-                upstream.first_flight += early
-            elif early:
-                upstream.sock.sendall(upstream.encoder.encode(early) if upstream.encoder else early)
+            if early:
+                # The client has spoken already: no reason to wait for more before the first flight.
+                first = (upstream.first_flight or b"") + early
+                upstream.first_flight = None
+                upstream.sock.sendall(upstream.encoder.encode(first) if upstream.encoder else first)
+        except BaseException:
+            self.server.untrack(upstream.sock)
+            upstream.close()
+            raise
+        try:
             result = pump_relay(
                 Endpoint(self.request, decoder, encoder),
                 upstream,
@@ -149,6 +182,13 @@ class RelayHandler(socketserver.BaseRequestHandler):
             self.server.untrack(upstream.sock)
         session.bytes_up, session.bytes_down = result.bytes_up + len(early), result.bytes_down
         self.error = result.error
+
+    def finish(self) -> None:
+        """Close what ``handle`` opened but never relayed (a failed reply, an early error)."""
+        for upstream in self._unrelayed or ():
+            self.server.untrack(upstream.sock)
+            upstream.close()
+        self._unrelayed = None
 
 
 def run_handler(

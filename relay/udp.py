@@ -34,6 +34,7 @@ from .address import Address
 from .associations import AssociationTable
 from .config import Config
 from .errors import ProtocolError, RelayError, TargetRefused
+from .server import ListeningAddress
 from .session import Session
 
 __all__ = [
@@ -215,7 +216,7 @@ class DatagramHandler(socketserver.BaseRequestHandler):
         self.server.drop(reason, self.client_address)
 
 
-class RelayUDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
+class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.UDPServer):
     """One UDP socket of a relay and its association table.
 
     Methods for the caller: socketserver's, and ``close_sessions()``. ``stats`` counts what
@@ -227,7 +228,7 @@ class RelayUDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
     allow_reuse_address = False  # on UDP it would let a second process share the port
     max_packet_size = MAX_DATAGRAM
 
-    def __init__(self, config: Config, hook: Any, address: Address) -> None:
+    def __init__(self, config: Config, hook: Any, address: Address, v6only: bool = False) -> None:
         handler = config.handler.datagram_handler
         if handler is None:
             raise RelayError(f"handler {config.handler.name!r} does not handle datagrams")
@@ -236,9 +237,8 @@ class RelayUDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
         self.stats: collections.Counter[str] = collections.Counter()
         self.data: dict[str, Any] = {}
         self.associations: AssociationTable[Any, Association] = AssociationTable(config.udp_max_associations, config.udp_timeout)
-        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-        self.address_family = infos[0][0]
-        super().__init__(infos[0][4][:2], handler)
+        self.v6only = v6only
+        super().__init__(self._resolve(address), handler)
         for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
                 self.socket.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
@@ -250,11 +250,6 @@ class RelayUDPServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._reader = threading.Thread(target=self._read_answers, name=f"udp-answers-{self.address}", daemon=True)
         self._reader.start()
-
-    @property
-    def address(self) -> Address:
-        host, port = self.server_address[:2]
-        return Address(str(host), int(port))
 
     @property
     def live_sessions(self) -> int:

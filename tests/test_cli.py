@@ -75,6 +75,7 @@ def test_help_and_version():
         (["remote", "--password", "p", "-c", "/nonexistent/config.json"], "cannot read config file"),
         (["serve", "--handler", "nope"], "unknown handler 'nope'"),
         (["serve", "--plugin", "no_such_module_anywhere"], "cannot import plugin module"),
+        (["serve", "--handler", "shadowsocks"], "relay remote"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(args, message):

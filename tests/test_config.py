@@ -50,6 +50,10 @@ def test_defaults(pm):
     assert make_config("serve", pm, listen=None).listen == (Address("127.0.0.1", 9999),)
 
 
+def test_numeric_password_is_its_digits_as_in_libev(pm):
+    assert make_config("remote", pm, file={"password": 12345678}).key == make_config("remote", pm, password="12345678").key
+
+
 def test_base64_key_instead_of_password(pm):
     config = make_config("remote", pm, key="AAECAwQFBgcICQoLDA0ODw==", method="aes-128-gcm")
     assert config.key == bytes(range(16))
@@ -82,6 +86,8 @@ def test_tunnel_and_handler(pm):
         ("local", {"password": "p", "server": "h:1", "protocol": "tunnel"}, {}, "--forward"),
         ("local", {"password": "p", "server": "h:1"}, {"plugin": "obfs-local"}, "SIP003"),
         ("remote", {"password": "p"}, {"udp_max_associations": 0}, "udp_max_associations"),
+        ("remote", {"password": "p"}, {"plugins": 5}, '"plugins"'),
+        ("remote", {"password": "p"}, {"handler": ["echo"]}, '"handler"'),
         ("remote", {"password": "p"}, {"udp_timeout": "never"}, "udp_timeout"),
     ],
 )

@@ -225,3 +225,76 @@ def test_wrong_password_garbage_and_truncation_end_one_session_only(pm, echo_tar
     for record in caplog.records:
         if "refused" in record.getMessage():
             assert "\n" not in record.getMessage() and record.exc_info is None
+
+
+def test_probe_close_time_does_not_depend_on_bytes_sent(pm):
+    """Whatever a prober sends, slowly, the remote closes at the same deadline from accept."""
+    with start_relay(make_config("remote", pm, password="p", handshake_timeout=1.0), pm) as remote:
+        for count in (10, 60):  # before, and after, authentication could fail
+            with socket.create_connection(tuple(remote.address), timeout=5) as sock:
+                started = time.monotonic()
+                for _ in range(count):
+                    try:
+                        sock.sendall(b"\x01")
+                    except OSError:
+                        break
+                    time.sleep(0.03)
+                sock.settimeout(3)
+                try:
+                    assert sock.recv(10) == b""
+                except ConnectionResetError:
+                    pass
+                closed_at = time.monotonic() - started
+            assert 0.9 < closed_at < 1.6, (count, closed_at)
+
+
+def test_failed_reply_leaves_no_upstream_open(echo_target):
+    """A client that resets while its target is being dialled: the SOCKS5 reply fails, and the
+    upstream that was opened for it must be closed then, not whenever the garbage collector runs."""
+    import gc
+    import struct
+
+    from relay import hookimpl
+    from relay.address import encode_address
+    from relay.net import connect_tcp
+    from relay.plugin_manager import get_plugin_manager
+
+    opened = []
+
+    class SlowDial:
+        @hookimpl(tryfirst=True)
+        def relay_open_upstream(self, session, target):
+            from relay import Endpoint
+
+            sock = connect_tcp(target, 5)
+            opened.append(sock)
+            time.sleep(0.2)  # the client's reset arrives meanwhile
+            return Endpoint(sock)
+
+    pm = get_plugin_manager((SlowDial(),))
+    gc.disable()  # a leak through a traceback cycle would otherwise be hidden by a collection
+    try:
+        with start_relay(make_config("serve", pm, handler="socks5", allow_private=True, timeout=30), pm) as proxy:
+            for _ in range(5):
+                sock = socket.create_connection(tuple(proxy.address), timeout=5)
+                sock.sendall(b"\x05\x01\x00")
+                assert recv_exactly(sock, 2) == b"\x05\x00"
+                sock.sendall(b"\x05\x01\x00" + encode_address(echo_target))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            assert wait_until(lambda: len(opened) == 5 and all(s.fileno() == -1 for s in opened), timeout=4), [
+                s.fileno() for s in opened
+            ]
+    finally:
+        gc.enable()
+
+
+def test_ipv6_listener_can_be_ipv6_only(pm):
+    from relay.server import RelayServer
+
+    config = make_config("serve", pm)
+    server = RelayServer(config, pm.hook, Address("::1", 0), v6only=True)
+    try:
+        assert server.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        server.server_close()

@@ -20,6 +20,10 @@ from relay.policy import forbidden_reason
         ("::ffff:127.0.0.1", "loopback"),
         ("::ffff:10.0.0.1", "private"),
         ("224.0.0.1", "multicast"),
+        ("100.100.100.200", "not a globally routable"),
+        ("2002:a00:1::1", "private address inside"),
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "private address inside"),
+        ("fec0::1", "site"),
     ],
 )
 def test_forbidden(ip, reason):
