@@ -120,10 +120,16 @@ def udp_echo_server(host: str = "127.0.0.1", upper: bool = False) -> Iterator[Ad
     server_class = type("_UDPServer", (socketserver.UDPServer,), {"max_packet_size": 65535, "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
     server = server_class((host, 0), Echo)
     server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    with _serving(server):
+        yield Address(host, server.server_address[1])
+
+
+@contextlib.contextmanager
+def _serving(server: socketserver.BaseServer) -> Iterator[None]:
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
-        yield Address(host, server.server_address[1])
+        yield
     finally:
         server.shutdown()
         server.server_close()
@@ -162,14 +168,8 @@ def serve_in_thread(handler: type[socketserver.BaseRequestHandler], host: str = 
     if ":" in host:
         server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
     server = server_class((host, 0), handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
+    with _serving(server):
         yield Address(host, server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def make_config(
