@@ -6,10 +6,20 @@ Each AEAD method, each way round, with the real peer as a subprocess:
 * ss-local (SOCKS5)     -> relay remote -> echo target   (relay as the Shadowsocks server)
 * ss-tunnel             -> relay remote -> echo target   (libev's tunnel client)
 
+and the same for datagrams (libev's ``-u``: TCP and UDP), against a UDP echo target:
+
+* relay local (SOCKS5 UDP ASSOCIATE) -> ss-server -u -> UDP echo
+* ss-tunnel -u                       -> relay remote -> UDP echo
+* ss-local -u (SOCKS5 UDP ASSOCIATE) -> relay remote -> UDP echo
+
 The bulk tests carry 32 MiB of random bytes up and back down through one connection: far more
 than one AEAD chunk (0x3FFF bytes) or one socket buffer, so chunking, nonce counting and flow
 control all get exercised, not only the handshake. A missing peer binary fails with the command
 that installs it; it is never skipped.
+
+The datagram tests run libev with ``--mtu 9000``: by default libev reads each datagram into a
+2,794-byte buffer and drops larger ones (see LIBEV_UDP), so without it the ~8,000-byte datagram
+could not pass libev whatever relay does.
 
 shadowsocks-libev does not relay a half-close (see ``echo_round_trip``), so the client here reads
 the whole echo back before it shuts its write half; half-close is not part of what these tests
@@ -25,14 +35,24 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import METHODS, find_binary
 
 from relay import Address
 from relay.plugin_manager import RelayPluginManager
-from relay.testing import free_port, make_config, process_output, running_process, socks5_connect, start_relay
+from relay.server import RelayServer
+from relay.testing import (
+    Socks5UDPClient,
+    free_port,
+    make_config,
+    process_output,
+    running_process,
+    socks5_connect,
+    start_relay,
+    udp_echo_server,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -42,6 +62,12 @@ SEND_CHUNK = 1024 * 1024
 SOCKET_TIMEOUT = 30.0  # one recv or send that waits this long fails the test
 TRANSFER_DEADLINE = 60.0  # the whole transfer, both directions
 STARTUP_TIMEOUT = 5.0  # for a libev process to accept on its port
+UDP_TIMEOUT = 2.0  # one datagram's answer that takes longer is lost
+UDP_ATTEMPTS = 5  # tries of the first datagram, while libev may still be binding its UDP socket
+# libev receives datagrams into a buffer of 2 * (MTU - 95) bytes, 2,794 by default (udprelay.c:
+# DEFAULT_PACKET_SIZE 1397, buf_size = 2 * packet_size), and a larger one is silently truncated,
+# then fails authentication and is dropped. An MTU of 9000 (jumbo frames) lets 8,000 bytes through.
+LIBEV_UDP = ["-u", "--mtu", "9000"]
 
 
 # --- subprocess helpers -----------------------------------------------------------------------
@@ -130,6 +156,50 @@ def assert_echoed(sock: socket.socket, payload: bytes) -> None:
     assert back == sent, "the bytes that came back differ from those sent"
 
 
+def udp_round_trips(
+    send: Callable[[bytes], None],
+    receive: Callable[[], tuple[bytes, Address | None]],
+    method: str,
+    source: Address | None,
+) -> None:
+    """Send datagrams one at a time (small, ~1400 and ~8000 bytes among them) and expect each one
+    back unchanged; with ``source``, the answer's SOCKS5 header must name it (the echo server).
+
+    The first datagram is a probe, sent up to UDP_ATTEMPTS times: libev's main() calls listen()
+    on its TCP socket (what ``running_process`` waits for) before init_udprelay() binds the UDP
+    one (tunnel.c, local.c, server.c), and a datagram sent in between is gone. A late copy of the
+    probe coming back afterwards is skipped. Every other datagram must come back at the first
+    try: on loopback, with one datagram in flight, nothing is lost.
+    """
+    probe = b"probe " + method.encode()
+    for _ in range(UDP_ATTEMPTS):
+        send(probe)
+        try:
+            answer = receive()
+        except TimeoutError:
+            continue
+        assert answer[0] == probe, f"the probe came back as {len(answer[0])} other bytes"
+        break
+    else:
+        pytest.fail(f"no answer to the first datagram after {UDP_ATTEMPTS} tries of {UDP_TIMEOUT} s each")
+    payloads = [b"hello over udp, " + method.encode(), b"x", os.urandom(1400), os.urandom(8000), os.urandom(512)]
+    for payload in payloads:
+        send(payload)
+        for _ in range(UDP_ATTEMPTS):  # skip late copies of the probe, at most one per try
+            try:
+                data, came_from = receive()
+            except TimeoutError:
+                pytest.fail(f"the {len(payload)}-byte datagram got no answer within {UDP_TIMEOUT} s")
+            if data != probe:
+                break
+        else:
+            pytest.fail("only copies of the probe came back")
+        assert len(data) == len(payload), f"sent {len(payload)} bytes, {len(data)} came back"
+        assert data == payload, f"the {len(payload)}-byte datagram came back changed"
+        if source is not None:
+            assert came_from == source, f"the answer's SOCKS5 header names {came_from}, not the echo server {source}"
+
+
 # --- fixtures ---------------------------------------------------------------------------------
 
 
@@ -149,6 +219,20 @@ def relay_remote(pm: RelayPluginManager, method: str) -> Iterator[Address]:
     config = make_config("remote", pm, method=method, password=PASSWORD, allow_private=True)
     with start_relay(config, pm) as server:
         yield server.address
+
+
+@pytest.fixture
+def echo_udp() -> Iterator[Address]:
+    with udp_echo_server() as address:
+        yield address
+
+
+@pytest.fixture
+def relay_remote_udp(pm: RelayPluginManager, method: str) -> Iterator[RelayServer]:
+    """relay's remote relaying TCP and UDP on one port, allowed to reach the loopback echo."""
+    config = make_config("remote", pm, method=method, password=PASSWORD, allow_private=True, mode="tcp_and_udp")
+    with start_relay(config, pm) as server:
+        yield server
 
 
 # --- the tests --------------------------------------------------------------------------------
@@ -201,3 +285,66 @@ def test_wrong_password_is_refused(pm: RelayPluginManager, method: str, echo_tar
                 except ConnectionResetError:
                     answer = b""
                 assert answer == b""
+
+
+# --- datagrams --------------------------------------------------------------------------------
+
+
+def test_udp_relay_local_to_ss_server(pm: RelayPluginManager, method: str, echo_udp: Address) -> None:
+    """relay as the client: UDP ASSOCIATE on relay's local, libev's server relays the datagrams.
+
+    ss-server runs with ``--mtu 9000``: with libev's default buffer (2,794 bytes) the ~8,000-byte
+    datagram would be truncated and dropped by ss-server, whatever relay sends (see LIBEV_UDP).
+    """
+    ss_server = find_binary("ss-server", "shadowsocks-libev")
+    port = free_port()
+    with libev(ss_server, *libev_args(port, method), *LIBEV_UDP, port=port):
+        config = make_config(
+            "local", pm, method=method, password=PASSWORD, server=f"127.0.0.1:{port}", mode="tcp_and_udp"
+        )
+        with start_relay(config, pm) as local, Socks5UDPClient(local.address, timeout=UDP_TIMEOUT) as client:
+            udp_round_trips(lambda payload: client.sendto(payload, echo_udp), client.recvfrom, method, source=echo_udp)
+            assert local.udp_server is not None
+            assert not local.udp_server.stats, f"relay's local dropped datagrams: {dict(local.udp_server.stats)}"
+
+
+def test_udp_ss_tunnel_to_relay_remote(method: str, relay_remote_udp: RelayServer, echo_udp: Address) -> None:
+    """libev's tunnel client: every datagram to its port goes to the -L target through relay's remote.
+
+    ss-tunnel runs with ``--mtu 9000`` so that it accepts the ~8,000-byte datagram (see LIBEV_UDP).
+    """
+    ss_tunnel = find_binary("ss-tunnel", "shadowsocks-libev")
+    tunnel_port = free_port()
+    args = [*libev_args(relay_remote_udp.address.port, method, tunnel_port), "-L", str(echo_udp), *LIBEV_UDP]
+    with libev(ss_tunnel, *args, port=tunnel_port), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(UDP_TIMEOUT)
+        sock.connect(("127.0.0.1", tunnel_port))  # answers from anywhere else are not ss-tunnel's
+
+        def receive() -> tuple[bytes, None]:
+            return sock.recv(65535), None  # ss-tunnel strips the address: there is no header to check
+
+        udp_round_trips(sock.send, receive, method, source=None)
+    assert relay_remote_udp.udp_server is not None
+    assert not relay_remote_udp.udp_server.stats, (
+        f"relay's remote dropped datagrams: {dict(relay_remote_udp.udp_server.stats)}"
+    )
+
+
+def test_udp_ss_local_to_relay_remote(method: str, relay_remote_udp: RelayServer, echo_udp: Address) -> None:
+    """libev's SOCKS5 local: UDP ASSOCIATE on ss-local, relay's remote relays the datagrams, and
+    the source address relay's remote encrypts into each answer reaches the client's header.
+
+    ss-local runs with ``--mtu 9000`` so that it accepts the ~8,000-byte datagram (see LIBEV_UDP).
+    """
+    ss_local = find_binary("ss-local", "shadowsocks-libev")
+    socks_port = free_port()
+    args = libev_args(relay_remote_udp.address.port, method, socks_port)
+    with (
+        libev(ss_local, *args, *LIBEV_UDP, port=socks_port),
+        Socks5UDPClient(Address("127.0.0.1", socks_port), timeout=UDP_TIMEOUT) as client,
+    ):
+        udp_round_trips(lambda payload: client.sendto(payload, echo_udp), client.recvfrom, method, source=echo_udp)
+    assert relay_remote_udp.udp_server is not None
+    assert not relay_remote_udp.udp_server.stats, (
+        f"relay's remote dropped datagrams: {dict(relay_remote_udp.udp_server.stats)}"
+    )
