@@ -19,6 +19,7 @@ client's first byte sent to the last byte counted; CPU time is utime + stime of 
 process from /proc/PID/stat, read just before and just after each transfer.
 
 Prints one table of medians and writes every sample to bench/results/throughput.json.
+Datagrams (latency and paced throughput over UDP) have their own bench: bench/udp.py.
 
 Note: shadowsocks-libev closes both of its connections on the first EOF (no half-close), so
 neither side half-closes here: the sink acknowledges the byte count and the source waits for the
