@@ -220,8 +220,7 @@ def test_wrong_password_garbage_and_truncation_end_one_session_only(pm, echo_tar
         # the server still serves the right password
         with socks5_connect(local.address, echo_target) as sock:
             assert exchange(sock, b"still here") == b"still here"
-    assert "failed authentication" in caplog.text
-    assert "closed before sending a target" in caplog.text
+    assert wait_until(lambda: "failed authentication" in caplog.text and "closed before sending a target" in caplog.text)
     for record in caplog.records:
         if "refused" in record.getMessage():
             assert "\n" not in record.getMessage() and record.exc_info is None

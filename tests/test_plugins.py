@@ -92,8 +92,11 @@ def test_failing_plugin_ends_only_its_session(echo_target, caplog):
             assert recv_until_eof(sock) == b""  # the first session is ended
         with socket.create_connection(tuple(server.address), timeout=5) as sock:
             assert exchange(sock, b"second") == b"second"
-    errors = [r for r in caplog.records if "plugin bug" in r.getMessage() or (r.exc_info and "plugin bug" in str(r.exc_info[1]))]
-    assert len(errors) == 1 and errors[0].exc_info is not None  # the traceback, logged once
+    def errors():
+        return [r for r in caplog.records if "plugin bug" in r.getMessage() or (r.exc_info and "plugin bug" in str(r.exc_info[1]))]
+
+    assert wait_until(lambda: errors())  # logged by the session's thread, after the client saw EOF
+    assert len(errors()) == 1 and errors()[0].exc_info is not None  # the traceback, logged once
 
 
 def test_a_plugin_adds_a_cipher_without_touching_the_core(echo_target):

@@ -181,7 +181,7 @@ def test_remote_refuses_private_targets_for_datagrams(pm, echo_udp, caplog):
             with pytest.raises(TimeoutError):
                 client.recvfrom()
     assert remote.udp_server.stats["forbidden"] == 2
-    assert "loopback address" in caplog.text
+    assert wait_until(lambda: "loopback address" in caplog.text)
 
 
 def test_largest_datagram_and_the_documented_limit(pm, echo_udp, caplog):
@@ -196,7 +196,7 @@ def test_largest_datagram_and_the_documented_limit(pm, echo_udp, caplog):
             assert client.recvfrom()[0] == payload
             client.sendto(os.urandom(limit + 1), echo_udp)
             assert wait_until(lambda: local.udp_server.stats["too large"] == 1)
-    assert "too large" in caplog.text
+    assert wait_until(lambda: "too large" in caplog.text)
 
 
 def test_associations_expire_and_are_bounded(pm, echo_udp, caplog):
@@ -219,7 +219,7 @@ def test_associations_expire_and_are_bounded(pm, echo_udp, caplog):
                 assert sock.recv(100) == b"hi"
             assert remote.udp_server.live_sessions == 2  # the least recently used was evicted
             assert remote.udp_server.stats["evicted"] == 1
-            assert "evicted" in caplog.text
+            assert wait_until(lambda: "evicted" in caplog.text)
             assert wait_until(lambda: remote.udp_server.live_sessions == 0, timeout=5)  # idle for udp_timeout
             assert ("remote", "TimeoutError") in finished
         finally:
