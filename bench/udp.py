@@ -91,11 +91,11 @@ PING_HEADER = struct.Struct("!BI")
 # Control on stdin/stdout, one line each way: "R <run>" -> a JSON line with that run's counts.
 
 
-def run_target() -> int:
+def run_target(port: int = 0) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     sock.setblocking(False)
     runs: dict[int, dict] = {}
     buffer = bytearray(65536)
@@ -152,10 +152,10 @@ def run_target() -> int:
 class Target:
     """The target process, and the control pipe to ask it for a run's counts."""
 
-    def __init__(self, stack: ExitStack, logdir: Path) -> None:
+    def __init__(self, stack: ExitStack, logdir: Path, port: int = 0) -> None:
         log = stack.enter_context(open(logdir / "target.err", "wb"))
         self.popen = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-target"],
+            [sys.executable, str(Path(__file__).resolve()), "--serve-target", "--target-port", str(port)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -635,9 +635,10 @@ def main(argv: list[str] | None = None) -> int:
         "--json", type=Path, default=RESULTS, help=f"where to write the samples (default {RESULTS.relative_to(ROOT)})"
     )
     parser.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--target-port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_target:
-        return run_target()
+        return run_target(args.target_port)
     if args.seconds <= 0 or args.rate_mbit <= 0 or args.senders < 1 or args.round_trips < 1 or args.repeat < 1:
         parser.error("--seconds, --rate-mbit, --senders, --round-trips and --repeat must be positive")
 

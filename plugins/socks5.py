@@ -56,7 +56,13 @@ class Socks5Handler(RelayHandler):
                 except OSError:
                     pass  # the client is gone already
             raise
-        bound = upstream.bound or Reply.bound
+        if upstream.bound is not None:
+            bound = upstream.bound
+        elif upstream.encoder is None:  # a direct connection: its own address is the answer
+            host, port = upstream.sock.getsockname()[:2]
+            bound = Address(str(host), int(port))
+        else:
+            bound = Reply.bound  # through a tunnel the outgoing address is the remote's to know
         conn.sendall(protocol.send(Reply(ReplyCode.SUCCEEDED, bound)))
         self.relay(upstream, early=protocol.trailing_data)
 

@@ -20,7 +20,8 @@ class Endpoint:
     before it is sent on ``sock`` (``None``: plain bytes). ``first_flight`` is plaintext that must
     go out on ``sock`` before anything else; the pump sends it together with the first data from
     the other side when that arrives promptly (a Shadowsocks client's target header).
-    ``bound`` is the local address of the outgoing connection, for a SOCKS5 reply. ``on_close``
+    ``bound`` is the address the outgoing connection is bound to, when a plugin knows better than
+the socket's own (a SOCKS5 reply names it). ``on_close``
     runs once after the pump closed ``sock``.
     """
 

@@ -155,7 +155,8 @@ def relay_open_datagram_upstream(session: Session) -> DatagramUpstream | None:
 def relay_session_finished(session: Session, error: BaseException | None) -> None:
     """The session is over: its handler returned and its sockets are closed.
 
-    Called once for every session that ``relay_session_started`` saw, in its thread. ``error``
+    Called once for every session that ``relay_session_started`` saw, in a thread of relay's
+    pool (a slow hook holds up no other session). ``error``
     is what ended it abnormally (a ``ProtocolError``, ``TargetRefused``, ``OSError``,
     ``TimeoutError`` for the idle timeout), or ``None`` after a clean close both ways.
     ``session.bytes_up`` / ``session.bytes_down`` count the payload moved (for a terminal

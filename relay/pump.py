@@ -1,33 +1,51 @@
-"""The pump: the one place that moves a session's bytes.
+"""The pump: the one place that moves established sessions' bytes.
 
-Two directions, each a tight loop in its own thread (the session's thread carries the client's
-bytes up, a helper thread carries the answers down)::
+One thread per process moves every session's bytes, both ways, waiting on all their sockets with
+one selector (epoll on Linux). A session's own thread does the handshake and then hands its two
+endpoints over (``Pump.start``); from then on, for each readable socket::
 
-    recv_into(decoder buffer) -> decoder.received -> encoder.encode -> sendall (whole frames)
+    recv_into(decoder buffer) -> decoder.received -> encoder.encode -> send (non-blocking)
 
-* Half-close: EOF from one side becomes ``shutdown(SHUT_WR)`` on the other, and the other
-  direction keeps going until its own EOF.
-* Idle timeout: kernel receive/send timeouts (SO_RCVTIMEO, SO_SNDTIMEO) wake a direction that
-  waited ``timeout`` seconds; the session ends if the other direction moved nothing meanwhile
-  either, so it ends between ``timeout`` and ``2 * timeout`` after the last byte.
-* Failure: an error in one direction shuts both sockets down, which wakes the other direction;
-  the first error is the session's.
+When the other socket cannot take a whole frame, the rest stays pending (a view of the encoder's
+or decoder's buffer, which nothing touches meanwhile) and the source is not read again until it
+is sent: backpressure without copies. Per chunk there is no hook call, no lock and no thread
+switch; the threads a thread-per-direction design would need cost more, in CPU and in the GIL's
+back-and-forth, than the relaying itself.
+
+* Half-close: EOF from one side becomes ``shutdown(SHUT_WR)`` on the other once everything
+  before it is sent, and the other direction keeps going until its own EOF.
+* Idle timeout: a session with nothing read or sent either way for ``timeout`` seconds ends
+  (checked once a second).
+* Failure: the first error (reset, a chunk that fails authentication...) ends both directions.
+* First flight: plaintext an upstream must send first (a Shadowsocks client's target header)
+  waits up to ``FIRST_FLIGHT_WAIT`` for the client's first data, to leave in one packet with it.
 """
 
 from __future__ import annotations
 
+import collections
+import heapq
+import logging
+import selectors
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .codec import PlainDecoder
 from .endpoint import Endpoint
-from .net import set_io_timeout, shutdown_quietly, wait_readable
+from .net import shutdown_quietly
 
-__all__ = ["relay", "PumpResult", "FIRST_FLIGHT_WAIT"]
+__all__ = ["Pump", "PumpResult", "shared_pump", "FIRST_FLIGHT_WAIT"]
+
+log = logging.getLogger("relay")
 
 FIRST_FLIGHT_WAIT = 0.05
-"""How long a first flight waits for the client's first data, to leave in one packet with it."""
+SWEEP_INTERVAL = 1.0
+
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
 
 
 @dataclass
@@ -37,83 +55,236 @@ class PumpResult:
     error: BaseException | None
 
 
-class _Pump:
-    def __init__(self, client: Endpoint, upstream: Endpoint, timeout: float) -> None:
+class _Direction:
+    """One way through a session: from ``src`` to ``dst``."""
+
+    __slots__ = ("src", "dst", "decoder", "encode", "pending", "moved", "reading", "done", "head")
+
+    def __init__(self, src: Endpoint, dst: Endpoint) -> None:
+        self.src = src.sock
+        self.dst = dst.sock
+        self.decoder = src.decoder or PlainDecoder()
+        self.encode = dst.encoder.encode if dst.encoder is not None else None
+        self.pending: memoryview | None = None  # framed bytes dst has not taken yet
+        self.moved = 0  # payload bytes
+        self.reading = True  # until EOF from src
+        self.done = False  # EOF from src seen, everything before it sent, dst shut for writing
+        self.head = dst.first_flight  # plaintext that must go first, with the first data
+        dst.first_flight = None
+
+    def read(self) -> None:
+        try:
+            n = self.src.recv_into(self.decoder.recv_buffer())
+        except BlockingIOError:
+            return
+        if not n:
+            self.decoder.eof()
+            self.reading = False
+            self.send_head()
+            if self.pending is None:
+                self._finish()
+            return
+        data = self.decoder.received(n)
+        if data:
+            self.moved += len(data)
+            if self.head is not None:
+                data, self.head = self.head + bytes(data), None
+            self._send(data)
+
+    def send_head(self) -> None:
+        if self.head is not None:
+            head, self.head = self.head, None
+            self._send(head)
+
+    def _send(self, data: memoryview | bytes) -> None:
+        frame = self.encode(data) if self.encode is not None else data
+        try:
+            sent = self.dst.send(frame)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(frame):
+            self.pending = memoryview(frame)[sent:]
+
+    def flush(self) -> None:
+        try:
+            sent = self.dst.send(self.pending)  # type: ignore[arg-type]
+        except BlockingIOError:
+            return
+        assert self.pending is not None
+        self.pending = self.pending[sent:] if sent < len(self.pending) else None
+        if self.pending is None and not self.reading:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        shutdown_quietly(self.dst, socket.SHUT_WR)
+
+
+class _Flow:
+    """One session in the pump: two sockets, two directions."""
+
+    __slots__ = ("up", "down", "client", "upstream", "timeout", "on_done", "masks", "active", "head_deadline", "ended")
+
+    def __init__(self, client: Endpoint, upstream: Endpoint, timeout: float, on_done: Callable[[PumpResult], None]) -> None:
+        self.up = _Direction(client, upstream)
+        self.down = _Direction(upstream, client)
         self.client = client
         self.upstream = upstream
-        self.moved = [0, 0]  # payload bytes: [up, down]
-        self.seen = [0, 0]  # what each direction last saw of the other's count, at a timeout
-        self.error: BaseException | None = None
-        self.lock = threading.Lock()
-        for endpoint in (client, upstream):
-            set_io_timeout(endpoint.sock, timeout)
+        self.timeout = timeout
+        self.on_done = on_done
+        self.masks = {client.sock: 0, upstream.sock: 0}
+        self.active = time.monotonic()
+        self.head_deadline = self.active + FIRST_FLIGHT_WAIT if self.up.head is not None else None
+        self.ended = False
 
-    def forward(self, index: int, src: Endpoint, dst: Endpoint) -> None:
+    def wanted(self, sock: socket.socket) -> int:
+        """What ``sock`` waits for: input while its direction reads and has nothing pending
+        (backpressure), output while the other direction has bytes pending for it."""
+        reader, sender = (self.up, self.down) if sock is self.client.sock else (self.down, self.up)
+        mask = _READ if reader.reading and reader.pending is None else 0
+        if sender.pending is not None:
+            mask |= _WRITE
+        return mask
+
+    def handle(self, sock: socket.socket, events: int) -> None:
+        reader, sender = (self.up, self.down) if sock is self.client.sock else (self.down, self.up)
+        if events & _WRITE and sender.pending is not None:
+            sender.flush()
+        if events & _READ and reader.reading and reader.pending is None:
+            reader.read()
+            if reader is self.up and self.up.head is None:
+                self.head_deadline = None  # read() sent the head with the data, or at EOF
+
+    @property
+    def finished(self) -> bool:
+        return self.up.done and self.down.done
+
+
+class Pump:
+    """The process's pump thread and the sessions it moves. ``start`` is thread-safe."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._waker = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._waker.setblocking(False)
+        self._selector.register(self._wake_reader, _READ, None)
+        self._incoming: collections.deque[_Flow] = collections.deque()
+        self._flows: set[_Flow] = set()
+        self._heads: list[tuple[float, int, _Flow]] = []  # first-flight deadlines, a heap
+        self._thread = threading.Thread(target=self._run, name="relay-pump", daemon=True)
+        self._thread.start()
+
+    def start(self, client: Endpoint, upstream: Endpoint, *, timeout: float, on_done: Callable[[PumpResult], None]) -> None:
+        """Move the session's bytes from now on; ``on_done(result)`` runs (in the pump thread)
+        once both directions ended, after ``upstream`` was closed. The client socket is left to
+        ``on_done``'s owner."""
+        client.sock.setblocking(False)
+        upstream.sock.setblocking(False)
+        self._incoming.append(_Flow(client, upstream, timeout, on_done))
         try:
-            self._forward(index, src, dst)
-        except BaseException as e:  # noqa: BLE001 - every failure ends the session, the first one is reported
-            self.abort(e)
+            self._waker.send(b"\0")
+        except BlockingIOError:
+            pass  # the pump has wake-ups pending already
 
-    def _forward(self, index: int, src: Endpoint, dst: Endpoint) -> None:
-        recv_into = src.sock.recv_into
-        sendall = dst.sock.sendall
-        decoder = src.decoder or PlainDecoder()
-        recv_buffer = decoder.recv_buffer
-        received = decoder.received
-        encode = dst.encoder.encode if dst.encoder is not None else None
-        moved = self.moved
-        head = dst.first_flight
-        if head is not None:
-            dst.first_flight = None
-            if not wait_readable(src.sock, FIRST_FLIGHT_WAIT):
-                sendall(encode(head) if encode else head)
-                head = None
+    def _run(self) -> None:
+        select = self._selector.select
+        next_sweep = time.monotonic() + SWEEP_INTERVAL
         while True:
-            try:
-                n = recv_into(recv_buffer())
-            except BlockingIOError:
-                if self._idle(index):
-                    raise TimeoutError("idle timeout") from None
+            timeout = max(0.0, min(next_sweep, self._heads[0][0] if self._heads else next_sweep) - time.monotonic())
+            for key, events in select(timeout):
+                flow: _Flow | None = key.data
+                if flow is None:
+                    self._admit()
+                    continue
+                if flow.ended:
+                    continue
+                try:
+                    flow.handle(key.fileobj, events)  # type: ignore[arg-type]
+                except BaseException as e:  # noqa: BLE001 - whatever ends a session is its error
+                    self._end(flow, e)
+                    continue
+                flow.active = time.monotonic()
+                self._update(flow)
+            now = time.monotonic()
+            while self._heads and self._heads[0][0] <= now:
+                _, _, flow = heapq.heappop(self._heads)
+                if flow.head_deadline is not None and not flow.ended:
+                    flow.head_deadline = None
+                    self._guard(flow, flow.up.send_head)  # the client waits for the server first
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_INTERVAL
+                for flow in [f for f in self._flows if now - f.active >= f.timeout]:
+                    self._end(flow, TimeoutError("idle timeout"))
+
+    def _admit(self) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._incoming:
+            flow = self._incoming.popleft()
+            self._flows.add(flow)
+            if flow.head_deadline is not None:
+                heapq.heappush(self._heads, (flow.head_deadline, id(flow), flow))
+            self._update(flow)
+
+    def _guard(self, flow: _Flow, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except BaseException as e:  # noqa: BLE001
+            self._end(flow, e)
+            return
+        self._update(flow)
+
+    def _update(self, flow: _Flow) -> None:
+        if flow.ended:
+            return
+        if flow.finished:
+            self._end(flow, None)
+            return
+        for sock, registered in flow.masks.items():
+            mask = flow.wanted(sock)
+            if mask == registered:
                 continue
-            if not n:
-                decoder.eof()
-                if head is not None:
-                    sendall(encode(head) if encode else head)
-                shutdown_quietly(dst.sock, socket.SHUT_WR)
-                return
-            data = received(n)
-            if data:
-                moved[index] += len(data)
-                if head is not None:
-                    data, head = head + bytes(data), None
-                sendall(encode(data) if encode else data)
+            if not registered:
+                self._selector.register(sock, mask, flow)
+            elif not mask:
+                self._selector.unregister(sock)
+            else:
+                self._selector.modify(sock, mask, flow)
+            flow.masks[sock] = mask
 
-    def _idle(self, index: int) -> bool:
-        other = self.moved[1 - index]
-        if other != self.seen[index]:
-            self.seen[index] = other
-            return False
-        return True
+    def _end(self, flow: _Flow, error: BaseException | None) -> None:
+        if flow.ended:
+            return
+        flow.ended = True
+        self._flows.discard(flow)
+        for sock, registered in flow.masks.items():
+            if registered:
+                try:
+                    self._selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+        if error is not None:
+            for sock in flow.masks:
+                shutdown_quietly(sock, socket.SHUT_RDWR)
+        flow.upstream.close()
+        try:
+            flow.on_done(PumpResult(flow.up.moved, flow.down.moved, error))
+        except Exception:  # noqa: BLE001 - the pump must outlive any session's bookkeeping
+            log.exception("ending a session failed")
 
-    def abort(self, error: BaseException) -> None:
-        with self.lock:
-            if self.error is None:
-                self.error = error
-        for endpoint in (self.client, self.upstream):
-            shutdown_quietly(endpoint.sock, socket.SHUT_RDWR)
+
+_shared: Pump | None = None
+_shared_lock = threading.Lock()
 
 
-def relay(client: Endpoint, upstream: Endpoint, *, timeout: float, name: str = "pump") -> PumpResult:
-    """Move bytes between ``client`` and ``upstream`` until both directions end; close ``upstream``.
-
-    The client socket is left for its owner (socketserver) to close.
-    """
-    pump = _Pump(client, upstream, timeout)
-    down = threading.Thread(target=pump.forward, args=(1, upstream, client), name=f"{name}-down", daemon=True)
-    down.start()
-    try:
-        pump.forward(0, client, upstream)
-    finally:
-        down.join()
-        upstream.close()
-    return PumpResult(pump.moved[0], pump.moved[1], pump.error)
+def shared_pump() -> Pump:
+    """The process's pump, started on first use."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Pump()
+        return _shared

@@ -24,8 +24,9 @@ from .endpoint import Endpoint
 from .errors import ProtocolError, RelayError, TargetRefused
 from .net import close_quietly, shutdown_quietly, tcp_byte_counts, tune
 from .protocol import NEED_DATA, SansIO
-from .pump import relay as pump_relay
+from .pump import PumpResult, shared_pump
 from .session import Session
+from .threads import shared_pool
 
 __all__ = ["ListeningAddress", "RelayServer", "RelayHandler", "run_handler", "start_terminal_handler", "log"]
 
@@ -82,11 +83,18 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
         self.v6only = v6only
         self.udp_server: Any = None  # the RelayUDPServer on the same port, when UDP is on
         self._live: set[socket.socket] = set()
+        self._detached: set[socket.socket] = set()
         self._live_lock = threading.Lock()
         super().__init__(self._resolve(address), config.handler.handler)
 
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """ThreadingMixIn's, with a reused thread instead of a new one per connection."""
+        shared_pool().submit(self.process_request_thread, request, client_address)
+
     def get_request(self) -> tuple[socket.socket, Any]:
-        conn, client_address = super().get_request()
+        # socket.accept() without its wrapper, which converts family and type to enums per call.
+        fd, client_address = self.socket._accept()  # type: ignore[attr-defined]
+        conn = socket.socket(self.address_family, socket.SOCK_STREAM, 0, fd)
         tune(conn)
         return conn, client_address
 
@@ -95,6 +103,19 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unexpected error in the session from %s", _format_peer(client_address))
+
+    def detach(self, request: socket.socket) -> None:
+        """The pump owns ``request`` now: socketserver must not close it when handle returns."""
+        with self._live_lock:
+            self._detached.add(request)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._live_lock:
+            if request in self._detached:
+                self._detached.discard(request)
+                return
+        if request.fileno() != -1:
+            super().shutdown_request(request)
 
     def track(self, sock: socket.socket) -> None:
         with self._live_lock:
@@ -123,7 +144,7 @@ class RelayHandler(socketserver.BaseRequestHandler):
     Methods for subclasses:
         next_event(protocol)   drive a sans-I/O protocol object until it has an event
         open_upstream(target)  run the target hooks, return the upstream Endpoint
-        relay(upstream, ...)   pump bytes between the client and the upstream until the end
+        relay(upstream, ...)   hand the client and the upstream to the pump, last thing
 
     ``self.session`` is set before ``setup``; ``self.error`` is what ended the relay abnormally.
     While ``handle`` runs before ``relay``, the client socket has the handshake timeout.
@@ -132,6 +153,7 @@ class RelayHandler(socketserver.BaseRequestHandler):
     session: Session
     server: RelayServer
     error: BaseException | None = None
+    detached = False  # relay() handed the session to the pump, which ends it
     _unrelayed: list[Endpoint] | None = None  # upstreams opened but not (yet) handed to the pump
 
     def next_event(self, protocol: SansIO) -> Any:
@@ -156,8 +178,9 @@ class RelayHandler(socketserver.BaseRequestHandler):
         return upstream
 
     def relay(self, upstream: Endpoint, decoder: Any = None, encoder: Any = None, early: bytes = b"") -> None:
-        """Pump until the session ends. ``decoder``/``encoder`` frame the client's side;
-        ``early`` is client data the handshake already read past, sent upstream first."""
+        """Hand the session to the pump, which moves its bytes until it ends and then ends it.
+        ``decoder``/``encoder`` frame the client's side; ``early`` is client data the handshake
+        already read past, sent upstream first. Call it last in ``handle``."""
         session = self.session
         if self._unrelayed and upstream in self._unrelayed:
             self._unrelayed.remove(upstream)
@@ -171,17 +194,19 @@ class RelayHandler(socketserver.BaseRequestHandler):
             self.server.untrack(upstream.sock)
             upstream.close()
             raise
-        try:
-            result = pump_relay(
-                Endpoint(self.request, decoder, encoder),
-                upstream,
-                timeout=session.config.timeout,
-                name=f"session-{session.id}",
-            )
-        finally:
-            self.server.untrack(upstream.sock)
-        session.bytes_up, session.bytes_down = result.bytes_up + len(early), result.bytes_down
-        self.error = result.error
+        client = Endpoint(self.request, decoder, encoder)
+        server, request, sent_early = self.server, self.request, len(early)
+
+        def done(result: PumpResult) -> None:
+            session.bytes_up, session.bytes_down = result.bytes_up + sent_early, result.bytes_down
+            server.untrack(upstream.sock)
+            end_session(server, session, request, result.error)
+
+        # From here the pump owns both sockets: this thread goes back to the pool, and the pump
+        # ends the session (closes the client, logs, fires relay_session_finished).
+        self.detached = True
+        server.detach(request)
+        shared_pump().start(client, upstream, timeout=session.config.timeout, on_done=done)
 
     def finish(self) -> None:
         """Close what ``handle`` opened but never relayed (a failed reply, an early error)."""
@@ -219,22 +244,38 @@ def run_handler(
         handler.session = session  # type: ignore[attr-defined]
         handler_class.__init__(handler, request, client_address, server)
         error = getattr(handler, "error", None)
+        if getattr(handler, "detached", False):
+            return  # the pump ends the session
     except Exception as e:  # noqa: BLE001 - a session's failure ends that session only
         error = e
-    finally:
-        server.untrack(request)
     if owner:
         if not is_front_end and session.bytes_up == session.bytes_down == 0:
             # Nothing pumped this session's bytes: ask the kernel what the handler moved.
             session.bytes_up, session.bytes_down = tcp_byte_counts(request) or (0, 0)
-        server.shutdown_request(request)  # the client sees EOF now, not after the hooks
-        _log_end(session, error)
-        try:
-            server.hook.relay_session_finished(session=session, error=error)
-        except Exception:  # noqa: BLE001
-            log.exception("%s: relay_session_finished hook failed", session)
-    elif error is not None:
+        end_session(server, session, request, error)
+    else:
+        server.untrack(request)
+    if not owner and error is not None:
         log.warning("%s: handler %s failed: %s", session, handler_class.__name__, _describe(error))
+
+
+def end_session(server: RelayServer, session: Session, request: socket.socket, error: BaseException | None) -> None:
+    """Close the client (it sees EOF now, not after the hooks), log one line, and fire
+    relay_session_finished, in a pool thread when a plugin implements it: a slow hook must not
+    hold up the thread it was called from (the pump's, after a relayed session)."""
+    server.untrack(request)
+    shutdown_quietly(request, socket.SHUT_WR)
+    close_quietly(request)
+    _log_end(session, error)
+    if server.hook.relay_session_finished.get_hookimpls():
+        shared_pool().submit(_session_finished, server, session, error)
+
+
+def _session_finished(server: RelayServer, session: Session, error: BaseException | None) -> None:
+    try:
+        server.hook.relay_session_finished(session=session, error=error)
+    except Exception:  # noqa: BLE001
+        log.exception("%s: relay_session_finished hook failed", session)
 
 
 def _log_end(session: Session, error: BaseException | None) -> None:

@@ -26,9 +26,7 @@ def relay_open_upstream(session: Session, target: Address) -> Endpoint:
     if config.upstream_handler is not None:
         return start_terminal_handler(session, config.upstream_handler.handler)
     check = None if config.allow_private else forbidden_reason
-    sock = connect_tcp(target, config.connect_timeout, check)
-    host, port = sock.getsockname()[:2]
-    return Endpoint(sock, bound=Address(str(host), int(port)))
+    return Endpoint(connect_tcp(target, config.connect_timeout, check))
 
 
 @hookimpl(trylast=True)
