@@ -60,17 +60,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import udp as udp_bench  # noqa: E402  (bench/udp.py: the paced senders and the UDP sink)
-from throughput import PASSWORD, STARTUP_TIMEOUT, Proc, libev_version  # noqa: E402
+import udp as udp_bench  # bench/udp.py: the paced senders and the UDP sink
+from throughput import PASSWORD, STARTUP_TIMEOUT, Proc, libev_version
 
-from relay.testing import free_port, stop_process  # noqa: E402
+from relay.testing import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "perf.json"
@@ -287,17 +289,21 @@ class EchoTargets:
         self.port = 0
         self.popens = []
         for n in range(count):
-            log = stack.enter_context(open(logdir / f"echo-{n}.err", "wb"))
+            log = stack.enter_context(open(logdir / f"echo-{n}.err", "wb"))  # noqa: SIM115 - the stack closes it
             popen = subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), "--serve-echo", str(self.port)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
-            )  # fmt: skip
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
             stack.callback(self._stop, popen)
             assert popen.stdout is not None
             ready, _, _ = select.select([popen.stdout], [], [], STARTUP_TIMEOUT)
             line = popen.stdout.readline().strip() if ready else b""
             if not line.isdigit():
-                raise RuntimeError(f"echo target {n} did not start: {(logdir / f'echo-{n}.err').read_text(errors='replace')}")
+                raise RuntimeError(
+                    f"echo target {n} did not start: {(logdir / f'echo-{n}.err').read_text(errors='replace')}"
+                )
             self.port = int(line)
             self.popens.append(popen)
 
@@ -342,7 +348,9 @@ class Iperf3Server:
         stack.callback(self.stop)
 
     def start(self) -> None:
-        self.proc = Proc(f"iperf3-server-{self.restarts}", [self.binary, "-s", "-B", "127.0.0.1", "-p", str(self.port)], self.logdir)
+        self.proc = Proc(
+            f"iperf3-server-{self.restarts}", [self.binary, "-s", "-B", "127.0.0.1", "-p", str(self.port)], self.logdir
+        )
         wait_ready(self.proc, self.port)
 
     def restart(self) -> None:
@@ -365,13 +373,17 @@ def run_iperf3(binary: str, port: int, *, seconds: int, mib: int | None, reverse
         argv.append("-R")
     limit = (seconds if not mib else 60.0) * 3 + 30
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=limit)
+        done = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, check=False, capture_output=True, text=True, timeout=limit
+        )
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"iperf3 {' '.join(argv[1:])}: no result after {limit:.0f} s") from e
     try:
         out = json.loads(done.stdout)
     except ValueError as e:
-        raise RuntimeError(f"iperf3 {' '.join(argv[1:])} exited {done.returncode}: {done.stdout[-500:]}{done.stderr[-500:]}") from e
+        raise RuntimeError(
+            f"iperf3 {' '.join(argv[1:])} exited {done.returncode}: {done.stdout[-500:]}{done.stderr[-500:]}"
+        ) from e
     if out.get("error") or done.returncode != 0:
         raise RuntimeError(f"iperf3 {' '.join(argv[1:])} exited {done.returncode}: {out.get('error')}")
     received = out["end"]["sum_received"]
@@ -427,7 +439,10 @@ class Pair:
                 for p in leftovers:
                     if _alive(p):
                         _kill(p, signal.SIGKILL)
-                print(f"NOTE: {proc.name}: {len(leftovers)} child process(es) outlived it and were stopped by pid", file=sys.stderr)
+                print(
+                    f"NOTE: {proc.name}: {len(leftovers)} child process(es) outlived it and were stopped by pid",
+                    file=sys.stderr,
+                )
 
 
 def _alive(pid: int) -> bool:
@@ -445,12 +460,16 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def delta(before: tuple[float | None, float | None], after: tuple[float | None, float | None]) -> tuple[float | None, float | None]:
+def delta(
+    before: tuple[float | None, float | None], after: tuple[float | None, float | None]
+) -> tuple[float | None, float | None]:
     return tuple(None if b is None or a is None else a - b for b, a in zip(before, after))  # type: ignore[return-value]
 
 
 class Pairs:
-    """Starts pairs; knows the binaries and the Pythons."""
+    """Starts pairs; knows the binaries and the Pythons. Relays run with the log directory as
+    their working directory: `python -m relay` looks there first, and from the repository root
+    --baseline-python would import the checkout's relay instead of its own."""
 
     def __init__(self, stack: ExitStack, logdir: Path, pythons: dict[str, str], binaries: dict[str, str]) -> None:
         self.stack, self.logdir, self.pythons, self.binaries = stack, logdir, pythons, binaries
@@ -461,7 +480,15 @@ class Pairs:
         return f"{self.serial:03d}-{what}"
 
     def start(
-        self, impl: str, method: str, target_port: int, *, udp: bool, workers: int | None = None, workers_on: str = "both", owned: bool = True
+        self,
+        impl: str,
+        method: str,
+        target_port: int,
+        *,
+        udp: bool,
+        workers: int | None = None,
+        workers_on: str = "both",
+        owned: bool = True,
     ) -> Pair:
         """A pair forwarding to 127.0.0.1:target_port. owned: stopped when the run ends (else
         the caller stops it)."""
@@ -477,23 +504,43 @@ class Pairs:
             self.stack.callback(pair.stop)
         return pair
 
-    def _start_relay(self, impl: str, method: str, target_port: int, udp: bool, workers: int | None, workers_on: str) -> Pair:
+    def _start_relay(
+        self, impl: str, method: str, target_port: int, udp: bool, workers: int | None, workers_on: str
+    ) -> Pair:
         relay = [self.pythons[impl], "-m", "relay"]
         remote_port, local_port = free_port(), free_port()
         common = ["--method", method, "--password", PASSWORD, "-q", *(["--udp"] if udp else [])]
         remote_workers = ["--workers", str(workers)] if workers else []
         local_workers = ["--workers", str(workers)] if workers and workers_on == "both" else []
         tag = f"{impl}{'-w' + str(workers) if workers else ''}-{method}"
-        remote_argv = [*relay, "remote", "--listen", f"127.0.0.1:{remote_port}", *common, "--allow-private", *remote_workers]
-        remote = Proc(self._name(f"{tag}-remote"), remote_argv, self.logdir)
+        remote_argv = [
+            *relay,
+            "remote",
+            "--listen",
+            f"127.0.0.1:{remote_port}",
+            *common,
+            "--allow-private",
+            *remote_workers,
+        ]
+        remote = Proc(self._name(f"{tag}-remote"), remote_argv, self.logdir, cwd=self.logdir)
         pair = Pair(impl, method, local_port, None, remote, workers)
         try:
             wait_ready(remote, remote_port)
             local_argv = [
-                *relay, "local", "--listen", f"127.0.0.1:{local_port}", "--server", f"127.0.0.1:{remote_port}", *common,
-                "--protocol", "tunnel", "--forward", f"127.0.0.1:{target_port}", *local_workers,
-            ]  # fmt: skip
-            pair.local = Proc(self._name(f"{tag}-local"), local_argv, self.logdir)
+                *relay,
+                "local",
+                "--listen",
+                f"127.0.0.1:{local_port}",
+                "--server",
+                f"127.0.0.1:{remote_port}",
+                *common,
+                "--protocol",
+                "tunnel",
+                "--forward",
+                f"127.0.0.1:{target_port}",
+                *local_workers,
+            ]
+            pair.local = Proc(self._name(f"{tag}-local"), local_argv, self.logdir, cwd=self.logdir)
             wait_ready(pair.local, local_port)
         except BaseException:
             pair.stop()
@@ -509,9 +556,19 @@ class Pairs:
         try:
             wait_ready(remote, server_port)
             tunnel_argv = [
-                self.binaries["ss-tunnel"], "-s", "127.0.0.1", "-p", str(server_port), "-b", "127.0.0.1",
-                "-l", str(tunnel_port), *common, "-L", f"127.0.0.1:{target_port}",
-            ]  # fmt: skip
+                self.binaries["ss-tunnel"],
+                "-s",
+                "127.0.0.1",
+                "-p",
+                str(server_port),
+                "-b",
+                "127.0.0.1",
+                "-l",
+                str(tunnel_port),
+                *common,
+                "-L",
+                f"127.0.0.1:{target_port}",
+            ]
             pair.local = Proc(self._name(f"ss-tunnel-{method}"), tunnel_argv, self.logdir)
             wait_ready(pair.local, tunnel_port)
         except BaseException:
@@ -659,13 +716,18 @@ class ConnSample:
 def measure_conn(pair: Pair, echo: EchoTargets, args: argparse.Namespace, rep: int) -> ConnSample:
     context = multiprocessing.get_context("fork")
     start_at = time.monotonic() + 0.2
-    shares = [args.inflight // args.conn_clients + (1 if n < args.inflight % args.conn_clients else 0) for n in range(args.conn_clients)]
+    shares = [
+        args.inflight // args.conn_clients + (1 if n < args.inflight % args.conn_clients else 0)
+        for n in range(args.conn_clients)
+    ]
     procs = []
     before, target_before = pair.cpu(), echo.cpu()
     for share in shares:
         receiver, sender = context.Pipe(duplex=False)
         proc = context.Process(
-            target=_conn_client_process, args=(sender, pair.port, share, start_at, args.conn_seconds, MSG_SIZE), daemon=True
+            target=_conn_client_process,
+            args=(sender, pair.port, share, start_at, args.conn_seconds, MSG_SIZE),
+            daemon=True,
         )
         proc.start()
         sender.close()
@@ -695,14 +757,22 @@ def measure_conn(pair: Pair, echo: EchoTargets, args: argparse.Namespace, rep: i
             errors[kind] = errors.get(kind, 0) + n
     local_cpu, remote_cpu = delta(before, after)
     return ConnSample(
-        rep=rep, method=pair.method, impl=pair.impl, inflight=args.inflight, clients=args.conn_clients,
-        count=count, seconds=seconds, errors=errors, conn_per_s=count / seconds if seconds > 0 else 0.0,
+        rep=rep,
+        method=pair.method,
+        impl=pair.impl,
+        inflight=args.inflight,
+        clients=args.conn_clients,
+        count=count,
+        seconds=seconds,
+        errors=errors,
+        conn_per_s=count / seconds if seconds > 0 else 0.0,
         p50_ms=statistics.median(r["p50_ms"] for r in results if r["p50_ms"] is not None) if count else None,
         p99_ms=max((r["p99_ms"] for r in results if r["p99_ms"] is not None), default=None),
         client_cpu_pct=max(100.0 * r["cpu"] / seconds for r in results) if seconds > 0 else 0.0,
         target_cpu_pct=100.0 * (target_after - target_before) / seconds if seconds > 0 else 0.0,
-        local_cpu=local_cpu, remote_cpu=remote_cpu,
-    )  # fmt: skip
+        local_cpu=local_cpu,
+        remote_cpu=remote_cpu,
+    )
 
 
 # --- latency ----------------------------------------------------------------------------------
@@ -746,9 +816,14 @@ def measure_latency(pair: Pair, round_trips: int, rep: int) -> LatencySample:
                 times.append(clock() - start)
     times.sort()
     return LatencySample(
-        rep, pair.method, pair.impl, round_trips,
-        udp_bench.percentile(times, 0.50) / 1e3, udp_bench.percentile(times, 0.99) / 1e3, statistics.fmean(times) / 1e3,
-    )  # fmt: skip
+        rep,
+        pair.method,
+        pair.impl,
+        round_trips,
+        udp_bench.percentile(times, 0.50) / 1e3,
+        udp_bench.percentile(times, 0.99) / 1e3,
+        statistics.fmean(times) / 1e3,
+    )
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -794,9 +869,17 @@ def measure_memory(pairs: Pairs, impl: str, method: str, echo_port: int, conns: 
             sock.close()
         pair.stop()
     return MemorySample(
-        rep, method, impl, conns, idle[0], idle[1], loaded[0], loaded[1],
-        (loaded[0] - idle[0]) / conns, (loaded[1] - idle[1]) / conns,
-    )  # fmt: skip
+        rep,
+        method,
+        impl,
+        conns,
+        idle[0],
+        idle[1],
+        loaded[0],
+        loaded[1],
+        (loaded[0] - idle[0]) / conns,
+        (loaded[1] - idle[1]) / conns,
+    )
 
 
 # --- bulk and scaling -------------------------------------------------------------------------
@@ -827,11 +910,15 @@ def measure_bulk(
         before = pair.cpu()
         start = time.monotonic()
         try:
-            result = run_iperf3(binary, pair.port, seconds=seconds, mib=mib, reverse=direction == "download", streams=streams)
+            result = run_iperf3(
+                binary, pair.port, seconds=seconds, mib=mib, reverse=direction == "download", streams=streams
+            )
         except RuntimeError as e:
             if attempt == 2:
                 raise
-            print(f"  {pair.impl} {pair.method}: {e}; restarting the iperf3 server and trying once more", file=sys.stderr)
+            print(
+                f"  {pair.impl} {pair.method}: {e}; restarting the iperf3 server and trying once more", file=sys.stderr
+            )
             server.restart()
             continue
         wall = time.monotonic() - start
@@ -839,17 +926,32 @@ def measure_bulk(
         break
     local_cpu, remote_cpu = delta(before, after)
     return BulkSample(
-        rep, pair.method, pair.impl, direction, streams, pair.workers, result["bytes"], result["seconds"],
-        result["bytes"] / result["seconds"] / MB, result["retransmits"], wall, local_cpu, remote_cpu,
-    )  # fmt: skip
+        rep,
+        pair.method,
+        pair.impl,
+        direction,
+        streams,
+        pair.workers,
+        result["bytes"],
+        result["seconds"],
+        result["bytes"] / result["seconds"] / MB,
+        result["retransmits"],
+        wall,
+        local_cpu,
+        remote_cpu,
+    )
 
 
 # --- udp ----------------------------------------------------------------------------------------
 
 
-def measure_udp(pair: Pair, target: udp_bench.Target, run: int, args: argparse.Namespace, rep: int) -> udp_bench.ThroughputSample:
+def measure_udp(
+    pair: Pair, target: udp_bench.Target, run: int, args: argparse.Namespace, rep: int
+) -> udp_bench.ThroughputSample:
     before = pair.cpu()
-    sample = udp_bench.measure_throughput(pair, target, run, args.udp_rate_mbit * udp_bench.MBIT, args.udp_seconds, args.udp_senders, rep)
+    sample = udp_bench.measure_throughput(
+        pair, target, run, args.udp_rate_mbit * udp_bench.MBIT, args.udp_seconds, args.udp_senders, rep
+    )
     sample.local_cpu, sample.remote_cpu = delta(before, pair.cpu())
     return sample
 
@@ -897,10 +999,16 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
     rows: list[Row] = []
 
     def med(kind: str, method: str, impl: str, value: Callable[[Any], float | None], **match: Any) -> float | None:
-        group = [s for s in samples[kind] if s.method == method and s.impl == impl and all(getattr(s, k) == v for k, v in match.items())]
+        group = [
+            s
+            for s in samples[kind]
+            if s.method == method and s.impl == impl and all(getattr(s, k) == v for k, v in match.items())
+        ]
         return _median([value(s) for s in group])
 
-    def per_impl(kind: str, method: str, value: Callable[[Any], float | None], impls_: list[str] = impls, **match: Any) -> dict:
+    def per_impl(
+        kind: str, method: str, value: Callable[[Any], float | None], impls_: list[str] = impls, **match: Any
+    ) -> dict:
         return {impl: med(kind, method, impl, value, **match) for impl in impls_}
 
     def per_gb(cpu: float | None, nbytes: float) -> float | None:
@@ -911,43 +1019,146 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
         if samples["bulk"]:
             for direction in DIRECTIONS:
                 name = f"bulk {direction}"
-                rows.append(Row(name, method, "MB/s", per_impl("bulk", method, lambda s: s.mb_per_s, direction=direction, streams=1), ".0f",
-                                f">={mbps_t:.2f}x" if mbps_t else "", at_least(mbps_t) if mbps_t else None))  # fmt: skip
+                rows.append(
+                    Row(
+                        name,
+                        method,
+                        "MB/s",
+                        per_impl("bulk", method, lambda s: s.mb_per_s, direction=direction, streams=1),
+                        ".0f",
+                        f">={mbps_t:.2f}x" if mbps_t else "",
+                        at_least(mbps_t) if mbps_t else None,
+                    )
+                )
                 for side in ("local", "remote"):
-                    rows.append(Row(name, method, f"{side} CPU-s/GB",
-                                    per_impl("bulk", method, lambda s, side=side: per_gb(getattr(s, f"{side}_cpu"), s.bytes), direction=direction, streams=1),
-                                    ".2f", f"<={cpu_t:.2f}x" if cpu_t else "", at_most(cpu_t) if cpu_t else None))  # fmt: skip
+                    rows.append(
+                        Row(
+                            name,
+                            method,
+                            f"{side} CPU-s/GB",
+                            per_impl(
+                                "bulk",
+                                method,
+                                lambda s, side=side: per_gb(getattr(s, f"{side}_cpu"), s.bytes),
+                                direction=direction,
+                                streams=1,
+                            ),
+                            ".2f",
+                            f"<={cpu_t:.2f}x" if cpu_t else "",
+                            at_most(cpu_t) if cpu_t else None,
+                        )
+                    )
         if samples["conn"]:
-            rows.append(Row("new connections", method, "conn/s", per_impl("conn", method, lambda s: s.conn_per_s), ".0f",
-                            f">={CONN_TARGET:.2f}x", at_least(CONN_TARGET)))  # fmt: skip
+            rows.append(
+                Row(
+                    "new connections",
+                    method,
+                    "conn/s",
+                    per_impl("conn", method, lambda s: s.conn_per_s),
+                    ".0f",
+                    f">={CONN_TARGET:.2f}x",
+                    at_least(CONN_TARGET),
+                )
+            )
             for side in ("local", "remote"):
-                rows.append(Row("new connections", method, f"{side} CPU ms/conn",
-                                per_impl("conn", method, lambda s, side=side: None if getattr(s, f"{side}_cpu") is None or not s.count else getattr(s, f"{side}_cpu") * 1e3 / s.count),
-                                ".3f"))  # fmt: skip
-            rows.append(Row("new connections", method, "failed conns", per_impl("conn", method, lambda s: float(sum(s.errors.values()))), ".0f"))
+                rows.append(
+                    Row(
+                        "new connections",
+                        method,
+                        f"{side} CPU ms/conn",
+                        per_impl(
+                            "conn",
+                            method,
+                            lambda s, side=side: (
+                                None
+                                if getattr(s, f"{side}_cpu") is None or not s.count
+                                else getattr(s, f"{side}_cpu") * 1e3 / s.count
+                            ),
+                        ),
+                        ".3f",
+                    )
+                )
+            rows.append(
+                Row(
+                    "new connections",
+                    method,
+                    "failed conns",
+                    per_impl("conn", method, lambda s: float(sum(s.errors.values()))),
+                    ".0f",
+                )
+            )
         if samples["latency"]:
-            rows.append(Row("latency 64 B", method, "p50 us", per_impl("latency", method, lambda s: s.p50_us), ".0f",
-                            f"<={P50_TARGET:.2f}x", at_most(P50_TARGET)))  # fmt: skip
+            rows.append(
+                Row(
+                    "latency 64 B",
+                    method,
+                    "p50 us",
+                    per_impl("latency", method, lambda s: s.p50_us),
+                    ".0f",
+                    f"<={P50_TARGET:.2f}x",
+                    at_most(P50_TARGET),
+                )
+            )
             rows.append(Row("latency 64 B", method, "p99 us", per_impl("latency", method, lambda s: s.p99_us), ".0f"))
         if samples["udp"]:
             name = "udp 1200 B"
             rows.append(Row(name, method, "offered Mbit/s", per_impl("udp", method, lambda s: s.offered_mbit), ".0f"))
-            rows.append(Row(name, method, "delivered Mbit/s", per_impl("udp", method, lambda s: s.delivered_mbit), ".0f"))
-            rows.append(Row(name, method, "loss %", per_impl("udp", method, lambda s: s.loss_pct), ".2f",
-                            f"<={UDP_LOSS_FACTOR:g}x,<{UDP_COLLAPSE_PCT:g}%", udp_loss_check))  # fmt: skip
+            rows.append(
+                Row(name, method, "delivered Mbit/s", per_impl("udp", method, lambda s: s.delivered_mbit), ".0f")
+            )
+            rows.append(
+                Row(
+                    name,
+                    method,
+                    "loss %",
+                    per_impl("udp", method, lambda s: s.loss_pct),
+                    ".2f",
+                    f"<={UDP_LOSS_FACTOR:g}x,<{UDP_COLLAPSE_PCT:g}%",
+                    udp_loss_check,
+                )
+            )
             for side in ("local", "remote"):
-                rows.append(Row(name, method, f"{side} CPU-s/GB",
-                                per_impl("udp", method, lambda s, side=side: per_gb(getattr(s, f"{side}_cpu"), s.delivered * udp_bench.DATAGRAM_SIZE)),
-                                ".1f"))  # fmt: skip
+                rows.append(
+                    Row(
+                        name,
+                        method,
+                        f"{side} CPU-s/GB",
+                        per_impl(
+                            "udp",
+                            method,
+                            lambda s, side=side: per_gb(
+                                getattr(s, f"{side}_cpu"), s.delivered * udp_bench.DATAGRAM_SIZE
+                            ),
+                        ),
+                        ".1f",
+                    )
+                )
         if samples["memory"]:
             mem_impls = [i for i in impls if i != "direct"]
             for side in ("local", "remote"):
-                rows.append(Row("memory", method, f"{side} idle RSS MiB",
-                                per_impl("memory", method, lambda s, side=side: getattr(s, f"{side}_idle_kib") / 1024, mem_impls), ".1f"))  # fmt: skip
+                rows.append(
+                    Row(
+                        "memory",
+                        method,
+                        f"{side} idle RSS MiB",
+                        per_impl(
+                            "memory", method, lambda s, side=side: getattr(s, f"{side}_idle_kib") / 1024, mem_impls
+                        ),
+                        ".1f",
+                    )
+                )
             for side in ("local", "remote"):
-                rows.append(Row("memory", method, f"{side} KiB/conn",
-                                per_impl("memory", method, lambda s, side=side: getattr(s, f"{side}_kib_per_conn"), mem_impls), ".1f",
-                                f"<={MEMORY_TARGET:.2f}x", at_most(MEMORY_TARGET)))  # fmt: skip
+                rows.append(
+                    Row(
+                        "memory",
+                        method,
+                        f"{side} KiB/conn",
+                        per_impl("memory", method, lambda s, side=side: getattr(s, f"{side}_kib_per_conn"), mem_impls),
+                        ".1f",
+                        f"<={MEMORY_TARGET:.2f}x",
+                        at_most(MEMORY_TARGET),
+                    )
+                )
         scaling = [s for s in samples["scaling"] if s.method == method]
         if scaling:
             streams = scaling[0].streams
@@ -960,8 +1171,21 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
                 values = {"relay": med("scaling", method, "relay", lambda s: s.mb_per_s, workers=level)}
                 values.update({i: med("scaling", method, i, lambda s: s.mb_per_s) for i in others})
                 rows.append(Row(name, method, f"MB/s {label}", values, ".0f"))
-                cpu = {"relay": med("scaling", method, "relay", lambda s: per_gb(_sum(s.local_cpu, s.remote_cpu), s.bytes), workers=level)}
-                cpu.update({i: med("scaling", method, i, lambda s: per_gb(_sum(s.local_cpu, s.remote_cpu), s.bytes)) for i in others})
+                cpu = {
+                    "relay": med(
+                        "scaling",
+                        method,
+                        "relay",
+                        lambda s: per_gb(_sum(s.local_cpu, s.remote_cpu), s.bytes),
+                        workers=level,
+                    )
+                }
+                cpu.update(
+                    {
+                        i: med("scaling", method, i, lambda s: per_gb(_sum(s.local_cpu, s.remote_cpu), s.bytes))
+                        for i in others
+                    }
+                )
                 rows.append(Row(name, method, f"CPU-s/GB {label}", cpu, ".2f"))
                 busy = {"relay": med("scaling", method, "relay", lambda s: _busy(s), workers=level)}
                 busy.update({i: med("scaling", method, i, _busy) for i in others})
@@ -969,7 +1193,15 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
             if len(levels) >= 2:
                 first = med("scaling", method, "relay", lambda s: s.mb_per_s, workers=levels[0])
                 last = med("scaling", method, "relay", lambda s: s.mb_per_s, workers=levels[-1])
-                rows.append(Row(name, method, f"MB/s w{levels[-1]}/w{levels[0]}", {"relay": last / first if first and last else None}, ".2f"))
+                rows.append(
+                    Row(
+                        name,
+                        method,
+                        f"MB/s w{levels[-1]}/w{levels[0]}",
+                        {"relay": last / first if first and last else None},
+                        ".2f",
+                    )
+                )
     for row in rows:
         if row.check:
             row.met = row.check(row.values.get("relay"), row.values.get("libev"))
@@ -989,16 +1221,35 @@ def print_table(rows: list[Row], impls: list[str]) -> None:
     def cell(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    ratio_cols = [(a, b) for a, b in (("relay", "libev"), ("baseline", "libev"), ("relay", "baseline")) if a in impls and b in impls]
+    ratio_cols = [
+        (a, b)
+        for a, b in (("relay", "libev"), ("baseline", "libev"), ("relay", "baseline"))
+        if a in impls and b in impls
+    ]
     short = {"relay": "relay", "baseline": "base", "libev": "libev"}
-    header = ["measurement", "method", "metric", *impls, *[f"{short[a]}/{short[b]}" for a, b in ratio_cols], "target", "met"]
+    header = [
+        "measurement",
+        "method",
+        "metric",
+        *impls,
+        *[f"{short[a]}/{short[b]}" for a, b in ratio_cols],
+        "target",
+        "met",
+    ]
     table = [header]
     for r in rows:
         met = "" if r.met is None and not r.target else ("yes" if r.met else "NO" if r.met is False else "?")
-        table.append([
-            r.measurement, r.method, r.metric, *[cell(r.values.get(i), r.fmt) for i in impls],
-            *[cell(r.ratio(a, b), ".2f") for a, b in ratio_cols], r.target, met,
-        ])  # fmt: skip
+        table.append(
+            [
+                r.measurement,
+                r.method,
+                r.metric,
+                *[cell(r.values.get(i), r.fmt) for i in impls],
+                *[cell(r.ratio(a, b), ".2f") for a, b in ratio_cols],
+                r.target,
+                met,
+            ]
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     numeric = set(range(3, 3 + len(impls) + len(ratio_cols)))
     previous = None
@@ -1006,7 +1257,9 @@ def print_table(rows: list[Row], impls: list[str]) -> None:
         if n > 1 and (row[0], row[1]) != previous:
             print()
         previous = (row[0], row[1])
-        print("  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        print(
+            "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        )
         if n == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -1032,17 +1285,36 @@ def find_tools(impls: list[str], measurements: list[str]) -> dict[str, str]:
 
 
 def relay_info(python: str) -> dict:
-    """The relay version a Python runs, and whether its remote and local take --workers."""
+    """The relay a Python runs (version, where it imports it from, the checkout's commit when it
+    is this one), and whether its remote and local take --workers. Run from an empty directory,
+    as the relays are: `python -m relay` puts the working directory first on sys.path, so from
+    the repository root any Python would run the checkout's relay instead of its own."""
     info: dict[str, Any] = {"python": python}
-    try:
-        info["version"] = subprocess.run([python, "-m", "relay", "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
-        for command in ("remote", "local"):
-            help_text = subprocess.run([python, "-m", "relay", command, "--help"], capture_output=True, text=True, timeout=30).stdout
-            info[f"{command}_workers"] = "--workers" in help_text
-    except (OSError, subprocess.TimeoutExpired) as e:
-        sys.exit(f"perf: cannot run {python} -m relay: {e}")
+    with tempfile.TemporaryDirectory(prefix="relay-bench-perf-cwd-") as neutral:
+
+        def run(*argv: str) -> str:
+            done = subprocess.run([python, *argv], check=False, capture_output=True, text=True, timeout=30, cwd=neutral)
+            return done.stdout.strip()
+
+        try:
+            info["version"] = run("-m", "relay", "--version")
+            for command in ("remote", "local"):
+                info[f"{command}_workers"] = "--workers" in run("-m", "relay", command, "--help")
+            info["source"] = run("-c", "import os, relay; print(os.path.dirname(os.path.abspath(relay.__file__)))")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            sys.exit(f"perf: cannot run {python} -m relay: {e}")
     if not info["version"]:
         sys.exit(f"perf: {python} -m relay --version printed nothing; is relay installed for that Python?")
+    where = info["source"]
+    if where and Path(where).resolve().is_relative_to(ROOT):  # an editable install of this checkout
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True
+        ).stdout
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "relay", "plugins"], check=False, capture_output=True, text=True
+        ).stdout
+        info["git"] = head.strip() + (" with uncommitted changes in relay/ or plugins/" if dirty.strip() else "")
     return info
 
 
@@ -1054,16 +1326,40 @@ def resolve_sizes(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="See the module docstring (and bench/README.md) for what each measurement does.",
-    )  # fmt: skip
+    )
     add = parser.add_argument
-    add("--quick", action="store_true", help="one repeat of 1-second runs, fewer round trips and idle connections (~2 min)")
-    add("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS, metavar="METHOD",
-        help=f"default: {' '.join(DEFAULT_METHODS)} (the two the issue sets targets for); also aes-128-gcm")  # fmt: skip
-    add("--impls", nargs="+", default=None, choices=IMPLS, metavar="IMPL",
-        help="relay baseline libev direct; default relay libev direct, plus baseline with --baseline-python")  # fmt: skip
-    add("--measure", nargs="+", default=list(MEASUREMENTS), choices=MEASUREMENTS, metavar="WHAT", help=f"default: {' '.join(MEASUREMENTS)}")
+    add(
+        "--quick",
+        action="store_true",
+        help="one repeat of 1-second runs, fewer round trips and idle connections (~2 min)",
+    )
+    add(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        choices=METHODS,
+        metavar="METHOD",
+        help=f"default: {' '.join(DEFAULT_METHODS)} (the two the issue sets targets for); also aes-128-gcm",
+    )
+    add(
+        "--impls",
+        nargs="+",
+        default=None,
+        choices=IMPLS,
+        metavar="IMPL",
+        help="relay baseline libev direct; default relay libev direct, plus baseline with --baseline-python",
+    )
+    add(
+        "--measure",
+        nargs="+",
+        default=list(MEASUREMENTS),
+        choices=MEASUREMENTS,
+        metavar="WHAT",
+        help=f"default: {' '.join(MEASUREMENTS)}",
+    )
     add("--python", default=sys.executable, help="the Python that runs `-m relay` for impl relay (default: this one)")
     add("--baseline-python", help="the Python whose relay is impl baseline, e.g. /tmp/venv-base/bin/python")
     add("--repeat", type=int, help="repetitions of every measurement (default 3; --quick 1)")
@@ -1080,8 +1376,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--idle-conns", type=int, help="idle connections of one memory run (default 200; --quick 50)")
     add("--streams", type=int, default=8, help="iperf3 -P of the scaling runs (default 8)")
     add("--scaling-seconds", type=int, help="iperf3 -t (whole seconds) of one scaling run (default 3; --quick 1)")
-    add("--workers", nargs="+", type=int, default=[1, 2], metavar="N", help="relay --workers levels to compare (default 1 2)")
-    add("--workers-on", choices=("both", "remote"), default="both", help="give --workers to both relays (default) or the remote only")
+    add(
+        "--workers",
+        nargs="+",
+        type=int,
+        default=[1, 2],
+        metavar="N",
+        help="relay --workers levels to compare (default 1 2)",
+    )
+    add(
+        "--workers-on",
+        choices=("both", "remote"),
+        default="both",
+        help="give --workers to both relays (default) or the remote only",
+    )
     add("--json", type=Path, default=RESULTS, help=f"where to write every sample (default {RESULTS.relative_to(ROOT)})")
     add("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1094,11 +1402,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "baseline" in args.impls and not args.baseline_python:
         parser.error("impl baseline needs --baseline-python PYTHON")
     args.measure = [m for m in MEASUREMENTS if m in args.measure]
-    positive = ("repeat", "bulk_seconds", "conn_seconds", "round_trips", "udp_seconds", "idle_conns", "scaling_seconds",
-                "inflight", "conn_clients", "echo_targets", "udp_rate_mbit", "udp_senders", "streams")  # fmt: skip
+    positive = (
+        "repeat",
+        "bulk_seconds",
+        "conn_seconds",
+        "round_trips",
+        "udp_seconds",
+        "idle_conns",
+        "scaling_seconds",
+        "inflight",
+        "conn_clients",
+        "echo_targets",
+        "udp_rate_mbit",
+        "udp_senders",
+        "streams",
+    )
     bad = [name for name in positive if getattr(args, name) <= 0]
     if bad or (args.bulk_mib is not None and args.bulk_mib <= 0) or any(w < 1 for w in args.workers):
-        parser.error(f"must be positive: {', '.join('--' + b.replace('_', '-') for b in bad) or '--bulk-mib/--workers'}")
+        parser.error(
+            f"must be positive: {', '.join('--' + b.replace('_', '-') for b in bad) or '--bulk-mib/--workers'}"
+        )
     if args.conn_clients > args.inflight:
         parser.error("--conn-clients cannot exceed --inflight")
     return args
@@ -1109,7 +1432,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_echo is not None:
         return run_echo(args.serve_echo)
     if importlib.util.find_spec("relay") is None:
-        sys.exit(f"perf: {sys.executable} cannot import relay (the bench's targets use relay.testing); use the venv's python")
+        sys.exit(
+            f"perf: {sys.executable} cannot import relay (the bench's targets use relay.testing); use the venv's python"
+        )
     binaries = find_tools(args.impls, args.measure)
     pythons = {"relay": args.python, "baseline": args.baseline_python or ""}
     infos = {impl: relay_info(pythons[impl]) for impl in ("relay", "baseline") if impl in args.impls}
@@ -1140,7 +1465,9 @@ def main(argv: list[str] | None = None) -> int:
         echo, udp_target = None, None
         if {"conn", "latency", "udp", "memory"} & set(args.measure):
             echo, udp_target = start_targets(stack, logdir, args.echo_targets, "udp" in args.measure)
-        iperf_server = Iperf3Server(stack, logdir, binaries["iperf3"]) if {"bulk", "scaling"} & set(args.measure) else None
+        iperf_server = (
+            Iperf3Server(stack, logdir, binaries["iperf3"]) if {"bulk", "scaling"} & set(args.measure) else None
+        )
 
         print(f"starting pairs: {', '.join(args.impls)} x {', '.join(args.methods)}", file=sys.stderr, flush=True)
         echo_pairs: dict[tuple[str, str], Pair] = {}
@@ -1156,7 +1483,9 @@ def main(argv: list[str] | None = None) -> int:
                     iperf_pairs[impl, method] = pairs.start(impl, method, iperf_server.port, udp=False)
             for level in scaling_workers:
                 assert iperf_server is not None
-                worker_pairs[method, level] = pairs.start("relay", method, iperf_server.port, udp=False, workers=level, workers_on=args.workers_on)
+                worker_pairs[method, level] = pairs.start(
+                    "relay", method, iperf_server.port, udp=False, workers=level, workers_on=args.workers_on
+                )
         # Prove every path works (and warm it up) before anything is timed.
         for pair in echo_pairs.values():
             measure_latency(pair, 20, -1)
@@ -1168,7 +1497,9 @@ def main(argv: list[str] | None = None) -> int:
             found = [len(descendants(p.pid)) for p in pair.procs]
             print(f"  relay --workers {level} {method}: processes per relay (local, remote): {found}", file=sys.stderr)
             if level > 1 and max(found) < level:
-                notes.append(f"relay --workers {level} ({method}): found only {found} processes (local, remote) under the relays.")
+                notes.append(
+                    f"relay --workers {level} ({method}): found only {found} processes (local, remote) under the relays."
+                )
 
         udp_run = 0
         for rep in range(args.repeat):
@@ -1183,25 +1514,59 @@ def main(argv: list[str] | None = None) -> int:
                             runs += [(worker_pairs[method, w], f"relay w{w}") for w in scaling_workers]
                         k2 = rep % len(runs)
                         for pair, label in runs[k2:] + runs[:k2]:
-                            s = measure_bulk(pair, iperf_server, binaries["iperf3"], "upload", args.streams, args.scaling_seconds, None, rep)  # type: ignore[arg-type]
+                            s = measure_bulk(
+                                pair,
+                                iperf_server,
+                                binaries["iperf3"],
+                                "upload",
+                                args.streams,
+                                args.scaling_seconds,
+                                None,
+                                rep,
+                            )  # type: ignore[arg-type]
                             samples["scaling"].append(s)
-                            _progress(rep, what, method, label, f"{s.mb_per_s:7.0f} MB/s  CPU {_fmt(_sum(s.local_cpu, s.remote_cpu), '.2f')} s")
+                            _progress(
+                                rep,
+                                what,
+                                method,
+                                label,
+                                f"{s.mb_per_s:7.0f} MB/s  CPU {_fmt(_sum(s.local_cpu, s.remote_cpu), '.2f')} s",
+                            )
                         continue
                     for impl in order:
                         if what == "bulk":
                             pair = iperf_pairs[impl, method]
                             for direction in DIRECTIONS:
-                                s = measure_bulk(pair, iperf_server, binaries["iperf3"], direction, 1, args.bulk_seconds, args.bulk_mib, rep)  # type: ignore[arg-type]
+                                s = measure_bulk(
+                                    pair,
+                                    iperf_server,
+                                    binaries["iperf3"],
+                                    direction,
+                                    1,
+                                    args.bulk_seconds,
+                                    args.bulk_mib,
+                                    rep,
+                                )  # type: ignore[arg-type]
                                 samples["bulk"].append(s)
-                                _progress(rep, f"bulk {direction}", method, impl,
-                                          f"{s.mb_per_s:7.0f} MB/s  CPU local {_fmt(s.local_cpu, '.2f')} remote {_fmt(s.remote_cpu, '.2f')} s")  # fmt: skip
+                                _progress(
+                                    rep,
+                                    f"bulk {direction}",
+                                    method,
+                                    impl,
+                                    f"{s.mb_per_s:7.0f} MB/s  CPU local {_fmt(s.local_cpu, '.2f')} remote {_fmt(s.remote_cpu, '.2f')} s",
+                                )
                         elif what == "conn":
                             assert echo is not None
                             s = measure_conn(echo_pairs[impl, method], echo, args, rep)
                             samples["conn"].append(s)
-                            _progress(rep, what, method, impl,
-                                      f"{s.conn_per_s:7.0f} conn/s  failed {sum(s.errors.values())}  client CPU {s.client_cpu_pct:3.0f} %  "
-                                      f"target CPU {s.target_cpu_pct:3.0f} %")  # fmt: skip
+                            _progress(
+                                rep,
+                                what,
+                                method,
+                                impl,
+                                f"{s.conn_per_s:7.0f} conn/s  failed {sum(s.errors.values())}  client CPU {s.client_cpu_pct:3.0f} %  "
+                                f"target CPU {s.target_cpu_pct:3.0f} %",
+                            )
                         elif what == "latency":
                             s = measure_latency(echo_pairs[impl, method], args.round_trips, rep)
                             samples["latency"].append(s)
@@ -1211,17 +1576,27 @@ def main(argv: list[str] | None = None) -> int:
                             udp_run += 1
                             s = measure_udp(echo_pairs[impl, method], udp_target, udp_run, args, rep)
                             samples["udp"].append(s)
-                            _progress(rep, what, method, impl,
-                                      f"offered {s.offered_mbit:4.0f}  delivered {s.delivered_mbit:4.0f} Mbit/s  loss {s.loss_pct:5.2f} %")  # fmt: skip
+                            _progress(
+                                rep,
+                                what,
+                                method,
+                                impl,
+                                f"offered {s.offered_mbit:4.0f}  delivered {s.delivered_mbit:4.0f} Mbit/s  loss {s.loss_pct:5.2f} %",
+                            )
                         elif what == "memory":
                             if impl == "direct":
                                 continue
                             assert echo is not None
                             s = measure_memory(pairs, impl, method, echo.port, args.idle_conns, rep)
                             samples["memory"].append(s)
-                            _progress(rep, what, method, impl,
-                                      f"idle {s.local_idle_kib / 1024:5.1f} / {s.remote_idle_kib / 1024:5.1f} MiB  "
-                                      f"{s.local_kib_per_conn:6.1f} / {s.remote_kib_per_conn:6.1f} KiB/conn (local / remote)")  # fmt: skip
+                            _progress(
+                                rep,
+                                what,
+                                method,
+                                impl,
+                                f"idle {s.local_idle_kib / 1024:5.1f} / {s.remote_idle_kib / 1024:5.1f} MiB  "
+                                f"{s.local_kib_per_conn:6.1f} / {s.remote_kib_per_conn:6.1f} KiB/conn (local / remote)",
+                            )
                 print(f"  ({what}: {time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
         for pair in [*echo_pairs.values(), *iperf_pairs.values(), *worker_pairs.values()]:
             pair.check()
@@ -1235,9 +1610,17 @@ def main(argv: list[str] | None = None) -> int:
     checked = [r for r in rows if r.met is not None]
     if checked:
         failed = [f"{r.measurement} {r.method} {r.metric}" for r in checked if not r.met]
-        print(f"\nissue 4 targets met by relay: {len(checked) - len(failed)} of {len(checked)}" + (f"; not met: {'; '.join(failed)}" if failed else ""))
+        print()
+        print(
+            textwrap.fill(
+                f"issue 4 targets met by relay: {len(checked) - len(failed)} of {len(checked)}"
+                + (f"; not met: {'; '.join(failed)}" if failed else ""),
+                width=120,
+                subsequent_indent="  ",
+            )
+        )
     for note in notes:
-        print(f"NOTE: {note}")
+        print(textwrap.fill(f"NOTE: {note}", width=120, subsequent_indent="  "))
 
     result = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "serve_echo"},
@@ -1252,10 +1635,15 @@ def main(argv: list[str] | None = None) -> int:
         "relays": infos,
         "scaling_workers": scaling_workers,
         "summary": [
-            {**{k: v for k, v in asdict(r).items() if k != "check"},
-             "ratios": {f"{a}/{b}": r.ratio(a, b) for a, b in (("relay", "libev"), ("baseline", "libev"), ("relay", "baseline"))}}
+            {
+                **{k: v for k, v in asdict(r).items() if k != "check"},
+                "ratios": {
+                    f"{a}/{b}": r.ratio(a, b)
+                    for a, b in (("relay", "libev"), ("baseline", "libev"), ("relay", "baseline"))
+                },
+            }
             for r in rows
-        ],  # fmt: skip
+        ],
         "notes": notes,
         "samples": {kind: [asdict(s) for s in group] for kind, group in samples.items()},
     }
@@ -1277,7 +1665,9 @@ def _iperf3_version(binary: str | None) -> str | None:
     if not binary:
         return None
     try:
-        return subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=5).stdout.splitlines()[0]
+        return subprocess.run(
+            [binary, "--version"], check=False, capture_output=True, text=True, timeout=5
+        ).stdout.splitlines()[0]
     except (OSError, subprocess.TimeoutExpired, IndexError):
         return None
 
@@ -1313,38 +1703,54 @@ def sanity_notes(samples: dict[str, list], args: argparse.Namespace) -> list[str
     return notes
 
 
-def describe_run(args: argparse.Namespace, infos: dict, binaries: dict, elapsed: float, scaling_workers: list[int]) -> None:
+def describe_run(
+    args: argparse.Namespace, infos: dict, binaries: dict, elapsed: float, scaling_workers: list[int]
+) -> None:
     print()
     for impl, info in infos.items():
-        print(f"{impl}: {info['version']} ({info['python']}; --workers: remote {'yes' if info['remote_workers'] else 'no'}, "
-              f"local {'yes' if info['local_workers'] else 'no'})")  # fmt: skip
+        print(
+            f"{impl}: {info['version']} ({info['python']}, {info.get('git') or info['source']}; --workers: "
+            f"remote {'yes' if info['remote_workers'] else 'no'}, local {'yes' if info['local_workers'] else 'no'})"
+        )
     if "ss-server" in binaries:
         print(f"libev: {libev_version(binaries['ss-server'])}")
     bulk = f"{args.bulk_mib} MiB" if args.bulk_mib else f"{args.bulk_seconds} s"
     print(
-        f"{os.cpu_count()} CPUs, {platform.platform()}; {args.repeat} repeat(s), {elapsed:.0f} s in all. "
-        f"bulk: iperf3 {bulk} per direction; conn: {args.conn_seconds:g} s, {args.inflight} in flight from "
-        f"{args.conn_clients} client process(es), {args.echo_targets} echo target process(es); latency: "
-        f"{args.round_trips} round trips; udp: {args.udp_rate_mbit:g} Mbit/s for {args.udp_seconds:g} s; memory: "
-        f"{args.idle_conns} idle connections; scaling: iperf3 -P {args.streams} for {args.scaling_seconds} s"
-        + (f", relay --workers {' vs '.join(map(str, scaling_workers))} on {args.workers_on}" if scaling_workers else "")
-        + ".\n"
+        textwrap.fill(
+            f"{os.cpu_count()} CPUs, {platform.platform()}; {args.repeat} repeat(s), {elapsed:.0f} s in all. "
+            f"bulk: iperf3 {bulk} per direction; conn: {args.conn_seconds:g} s, {args.inflight} in flight from "
+            f"{args.conn_clients} client process(es), {args.echo_targets} echo target process(es); latency: "
+            f"{args.round_trips} round trips; udp: {args.udp_rate_mbit:g} Mbit/s for {args.udp_seconds:g} s; memory: "
+            f"{args.idle_conns} idle connections; scaling: iperf3 -P {args.streams} for {args.scaling_seconds} s"
+            + (
+                f", relay --workers {' vs '.join(map(str, scaling_workers))} on {args.workers_on}"
+                if scaling_workers
+                else ""
+            )
+            + ".",
+            width=120,
+        )
     )
+    print()
 
 
 def print_legend(args: argparse.Namespace) -> None:
+    print()
     print(
-        "\nMedians over the repeats. Ratios are of those medians (relay/libev: relay's value over libev's, whether "
-        "higher or lower is better; target says which way). MB/s: iperf3 receiver bytes, 10^6 bytes/s. CPU: "
-        "utime+stime of the local-side process (relay local / ss-tunnel) and of the remote-side process (relay "
-        "remote / ss-server), with their child processes, over the run; CPU-s/GB per 10^9 bytes moved, ms/conn per "
-        "completed connection. conn/s: completed connections (connect, 64 B each way, close) per second. latency: "
-        "round trip of 64 B on one connection. udp: 1200 B datagrams paced at the asked rate; offered = what was "
-        "really sent per second of sending, loss = sent but never counted by the sink (target: at most 2x libev's "
-        f"loss, with a {UDP_LOSS_FLOOR_PCT:g}-point floor, and under {UDP_COLLAPSE_PCT:g}%). memory: VmRSS of a fresh "
-        "pair (with --udp / -u) after one connection, and (RSS with N idle established connections - idle) / N. "
-        f"{args.streams} streams: iperf3 -P {args.streams} upload; cores busy = CPU-s of both relays per wall "
-        "second; libev, direct and baseline have no --workers, so each workers row repeats their samples."
+        textwrap.fill(
+            "Medians over the repeats. Ratios are of those medians (relay/libev: relay's value over libev's, whether "
+            "higher or lower is better; target says which way). MB/s: iperf3 receiver bytes, 10^6 bytes/s. CPU: "
+            "utime+stime of the local-side process (relay local / ss-tunnel) and of the remote-side process (relay "
+            "remote / ss-server), with their child processes, over the run; CPU-s/GB per 10^9 bytes moved, ms/conn per "
+            "completed connection. conn/s: completed connections (connect, 64 B each way, close) per second. latency: "
+            "round trip of 64 B on one connection. udp: 1200 B datagrams paced at the asked rate; offered = what was "
+            "really sent per second of sending, loss = sent but never counted by the sink (target: at most 2x libev's "
+            f"loss, with a {UDP_LOSS_FLOOR_PCT:g}-point floor, and under {UDP_COLLAPSE_PCT:g}%). memory: VmRSS of a fresh "
+            "pair (with --udp / -u) after one connection, and (RSS with N idle established connections - idle) / N. "
+            f"{args.streams} streams: iperf3 -P {args.streams} upload; cores busy = CPU-s of both relays per wall "
+            "second; libev, direct and baseline have no --workers, so each workers row repeats their samples.",
+            width=120,
+        )
     )
 
 

@@ -150,11 +150,11 @@ def cpu_seconds(pid: int) -> float:
 class Proc:
     """A child process whose output goes to a log file."""
 
-    def __init__(self, name: str, argv: list[str], logdir: Path) -> None:
+    def __init__(self, name: str, argv: list[str], logdir: Path, cwd: Path | None = None) -> None:
         self.name = name
         self.log = logdir / f"{name}.log"
         with open(self.log, "wb") as out:
-            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
 
     @property
     def pid(self) -> int:
