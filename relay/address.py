@@ -14,6 +14,7 @@ Pure code: bytes in, values out.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from typing import NamedTuple
 
@@ -48,8 +49,9 @@ class Address(NamedTuple):
         return AddressType.IPV4 if ip.version == 4 else AddressType.IPV6
 
 
+@functools.lru_cache(maxsize=4096)
 def encode_address(address: Address) -> bytes:
-    """ATYP, address and port as they go on the wire."""
+    """ATYP, address and port as they go on the wire (cached: a relay meets few addresses)."""
     kind = address.type
     port = address.port.to_bytes(2, "big")
     if kind is AddressType.DOMAIN:
@@ -75,12 +77,12 @@ def decode_address(data: bytes | bytearray | memoryview, offset: int = 0) -> tup
         end = offset + 1 + 4 + 2
         if len(data) < end:
             return None
-        host = str(ipaddress.IPv4Address(bytes(data[offset + 1 : offset + 5])))
+        host = "%d.%d.%d.%d" % (data[offset + 1], data[offset + 2], data[offset + 3], data[offset + 4])
     elif atyp == AddressType.IPV6:
         end = offset + 1 + 16 + 2
         if len(data) < end:
             return None
-        host = str(ipaddress.IPv6Address(bytes(data[offset + 1 : offset + 17])))
+        host = _ipv6_text(bytes(data[offset + 1 : offset + 17]))
     elif atyp == AddressType.DOMAIN:
         if available < 2:
             return None
@@ -98,6 +100,11 @@ def decode_address(data: bytes | bytearray | memoryview, offset: int = 0) -> tup
         raise Socks5Error(ADDRESS_TYPE_NOT_SUPPORTED, f"unknown address type {atyp}")
     port = int.from_bytes(data[end - 2 : end], "big")
     return Address(host, port), end
+
+
+@functools.lru_cache(maxsize=1024)
+def _ipv6_text(packed: bytes) -> str:
+    return str(ipaddress.IPv6Address(packed))
 
 
 def parse_host_port(text: str, *, default_host: str | None = None, what: str = "address") -> Address:

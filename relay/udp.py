@@ -53,6 +53,7 @@ log = logging.getLogger("relay")
 MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 4 << 20  # room for bursts: the kernel caps it at net.core.rmem_max/wmem_max
 SWEEP_INTERVAL = 1.0
+BATCH = 64  # datagrams handled per wake-up, at most
 _CHECKED_TARGETS = 256  # per association: targets that already passed relay_target_chosen
 _RESOLVE_TTL = 30.0
 
@@ -258,13 +259,26 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
     # -- socketserver's request path
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if getattr(self.RequestHandlerClass, "inline", False):
+        if not getattr(self.RequestHandlerClass, "inline", False):
+            super().process_request(request, client_address)
+            return
+        # Inline handlers never block, so take every datagram already queued (up to a batch)
+        # before serve_forever selects again: one select per burst, not per datagram.
+        sock = self.socket
+        for left in range(BATCH - 1, -1, -1):
             try:
                 self.finish_request(request, client_address)
             except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
                 self.handle_error(request, client_address)
-        else:
-            super().process_request(request, client_address)
+            if not left:
+                return
+            try:
+                data, client_address = sock.recvfrom(self.max_packet_size, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # serve_forever's next get_request reports it
+            request = (data, sock)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         handler_class = self.RequestHandlerClass
@@ -304,6 +318,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         association = Association(client_address, session, upstream, reply)
         upstream.on_answer = lambda source, payload: self._answer(association, source, payload)
         if upstream.sock is not None:
+            upstream.sock.setblocking(False)  # drained until EAGAIN; a full send buffer drops, as UDP may
             self._selector.register(upstream.sock, selectors.EVENT_READ, association)
         for _, evicted in self.associations.add(client_address, association):
             self.stats["evicted"] += 1
@@ -366,14 +381,17 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                 association: Association | None = key.data
                 if association is None:
                     return  # woken by server_close
-                try:
-                    answer = association.upstream.receive()
-                except (ProtocolError, OSError) as e:
-                    self.drop("bad answer", association.key, e)
-                    continue
-                if answer is not None:
-                    self.associations.touch(association.key)
-                    self._answer(association, *answer)
+                for _ in range(BATCH):  # every answer already queued on this socket
+                    try:
+                        answer = association.upstream.receive()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except (ProtocolError, OSError) as e:
+                        self.drop("bad answer", association.key, e)
+                        continue
+                    if answer is not None:
+                        self._answer(association, *answer)
+                self.associations.touch(association.key)
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
                 for _, association in self.associations.expire():

@@ -228,8 +228,8 @@ def test_associations_expire_and_are_bounded(pm, echo_udp, caplog):
 
 
 def test_ten_thousand_datagrams_arrive_in_order(pm, echo_udp):
-    """Loss bound: at most 0.5% with at most 32 datagrams in flight on loopback (none is
-    expected; the bound absorbs a loaded CI machine)."""
+    """Loss bound: at most 2 of 10,000 with at most 32 datagrams in flight on loopback (none is
+    expected: the socket buffers hold far more than 32 datagrams)."""
     total, window = 10_000, 32
     with udp_pair(pm) as (local, _):
         with Socks5UDPClient(local.address, timeout=1) as client:
@@ -252,7 +252,7 @@ def test_ten_thousand_datagrams_arrive_in_order(pm, echo_udp):
                 last = seq
                 received += 1
             lost = total - received
-    assert lost <= total * 0.005, f"{lost} of {total} lost"
+    assert lost <= 2, f"{lost} of {total} lost"
 
 
 def test_udp_association_with_a_stream_relay_still_working(pm, echo_udp, echo_target):
@@ -274,3 +274,21 @@ def test_udp_associate_without_udp_is_not_supported(pm, pair):
     with pytest.raises(Socks5Error) as info:
         Socks5UDPClient(local.address)
     assert info.value.reply_code == 7
+
+
+def test_a_burst_larger_than_a_batch_arrives_whole(pm, echo_udp):
+    """Datagrams are taken in batches per wake-up; none may fall between two batches."""
+    burst = 300
+    with udp_pair(pm, local={"protocol": "tunnel", "forward": echo_udp}) as (local, _):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.settimeout(2)
+            for i in range(burst):
+                sock.sendto(struct.pack("!I", i), tuple(local.udp_server.address))
+            got = set()
+            try:
+                while len(got) < burst:
+                    got.add(struct.unpack("!I", sock.recv(100))[0])
+            except TimeoutError:
+                pass
+    assert len(got) == burst, f"{burst - len(got)} of {burst} lost"
