@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .plugin_manager import RelayPluginManager, get_plugin_manager
 from .runner import Runner
 from .ssurl import format_ss_url
+from .workers import run_workers
 
 __all__ = ["main"]
 
@@ -30,7 +31,7 @@ EXIT_USAGE = 2
 
 # Flags that map onto config keys; everything else is the CLI's own.
 _CONFIG_FLAGS = (
-    "listen server method password key timeout connect_timeout protocol forward handler allow_private mode udp_timeout".split()
+    "listen server method password key timeout connect_timeout protocol forward handler allow_private mode udp_timeout workers".split()
 )
 
 
@@ -113,6 +114,7 @@ def _config_options(sub: argparse.ArgumentParser, listen_default: str) -> None:
     udp.add_argument("-u", "--udp", dest="mode", action="store_const", const="tcp_and_udp", help="relay UDP too (mode tcp_and_udp)")
     udp.add_argument("-U", "--udp-only", dest="mode", action="store_const", const="udp_only", help="relay UDP only (mode udp_only)")
     sub.add_argument("--udp-timeout", type=float, metavar="SECONDS", help="idle timeout of a UDP association (default 300)")
+    sub.add_argument("--workers", type=int, metavar="N", help="run N worker processes sharing the port (SO_REUSEPORT), to use N cores")
     _common(sub)
 
 
@@ -208,6 +210,13 @@ def _run_plugins(args: argparse.Namespace, pm: RelayPluginManager, file: dict[st
 
 
 def _serve(pm: RelayPluginManager, configs: list[Config]) -> int:
+    workers = max(config.workers for config in configs)
+    if workers > 1:
+        return run_workers(workers, lambda: _serve_here(pm, configs))
+    return _serve_here(pm, configs)
+
+
+def _serve_here(pm: RelayPluginManager, configs: list[Config]) -> int:
     runner = Runner(pm)
     with _stopping(runner):
         for config in configs:

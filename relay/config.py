@@ -44,14 +44,14 @@ _DEFAULT_PROTOCOL = {"local": "socks5", "remote": "shadowsocks"}
 
 # Keys shadowsocks-libev knows that relay does not act on: accepted, so a libev file works as is.
 _LIBEV_IGNORED = frozenset(
-    "fast_open reuse_port no_delay nameserver user workers acl ipv6_first dscp mtu mptcp "
+    "fast_open reuse_port no_delay nameserver user acl ipv6_first dscp mtu mptcp "
     "manager_address port_password local_ipv4_address local_ipv6_address use_syslog remarks "
     "verbose disable_sni".split()
 )
 _KNOWN = frozenset(
     "server server_port local_address local_port password key method timeout mode plugin "
     "plugin_opts tunnel_address allow_private protocol forward handler connect_timeout "
-    "handshake_timeout plugins udp_timeout udp_max_associations".split()
+    "handshake_timeout plugins udp_timeout udp_max_associations workers".split()
 )
 
 # Pre-AEAD methods: recognised only to say why they are refused.
@@ -89,6 +89,8 @@ class Config:
     mode: str = "tcp_only"
     udp_timeout: float = DEFAULT_UDP_TIMEOUT
     udp_max_associations: int = DEFAULT_UDP_MAX_ASSOCIATIONS
+    workers: int = 1
+    """Processes sharing the listening port (SO_REUSEPORT); 1 serves in this process."""
     plugins: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     file: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -197,6 +199,10 @@ def build_config(
     if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError('"plugins" must be a list of module names')
 
+    workers = _count(pick("workers", 1), "workers")
+    if workers > 1 and any(address.port == 0 for address in listen):
+        raise ConfigError('"workers" needs a fixed port to share: give --listen HOST:PORT with a port other than 0')
+
     return Config(
         role=role,
         listen=listen,
@@ -215,6 +221,7 @@ def build_config(
         mode=mode,
         udp_timeout=_seconds(pick("udp_timeout", DEFAULT_UDP_TIMEOUT), "udp_timeout"),
         udp_max_associations=_count(pick("udp_max_associations", DEFAULT_UDP_MAX_ASSOCIATIONS), "udp_max_associations"),
+        workers=workers,
         plugins=tuple(plugins),
         warnings=tuple(warnings),
         file=file,

@@ -42,6 +42,7 @@ class ListeningAddress:
 
     address_family: int
     socket_type: int
+    config: Config
     server_address: Any
     socket: socket.socket
     v6only = False
@@ -54,6 +55,8 @@ class ListeningAddress:
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.v6only:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if self.config.workers > 1:  # type: ignore[attr-defined]
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()  # type: ignore[misc]
 
     @property

@@ -186,3 +186,25 @@ def test_misspelled_hook_fails_loudly(tmp_path: Path):
     result = subprocess.run([*relay_command(), "plugins", "--plugin", "typo_plugin"], capture_output=True, text=True, env=env, timeout=30)
     assert result.returncode == 2
     assert "relay_sesion_started" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_workers_share_the_port_and_stop_together():
+    port = free_port()
+    with relay_process("serve", "--handler", "uppercase", "--workers", "2", "--listen", f"127.0.0.1:{port}", "-v", port=port) as proc:
+        children = set(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
+        assert len(children) == 2
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"spread\n")
+                assert sock.recv(100) == b"SPREAD\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        for child in children:
+            assert not Path(f"/proc/{child}").exists()
+        output = process_output(proc, limit=100_000)
+    assert "started 2 workers" in output and "Traceback" not in output
+
+
+def test_workers_need_a_fixed_port():
+    result = run("serve", "--workers", "2", "--listen", "127.0.0.1:0")
+    assert result.returncode == 2 and "fixed port" in result.stderr
