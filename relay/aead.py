@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .address import Address, decode_address, encode_address
-from .codec import DEFAULT_BUFFER_SIZE
+from .codec import DEFAULT_BUFFER_SIZE, INITIAL_BUFFER_SIZE
 from .errors import DecryptError, ProtocolError
 
 __all__ = [
@@ -140,9 +140,10 @@ class AeadStreamDecryptor:
     """Ciphertext in, plaintext out; partial chunks wait in the receive buffer."""
 
     def __init__(self, aead: AeadFactory, key: bytes, salt_size: int, capacity: int = DEFAULT_BUFFER_SIZE) -> None:
-        # Start with room for one whole chunk; double whenever a receive fills what was offered.
-        initial = _MAX_CHUNK + salt_size
-        self._capacity = max(capacity, initial)
+        # Start small (an idle session holds little); grow to fit the chunk being read, and
+        # double whenever a receive fills what was offered, up to ``capacity``.
+        initial = INITIAL_BUFFER_SIZE
+        self._capacity = max(capacity, _MAX_CHUNK + salt_size)
         self._filled = False
         self.salt: bytes | None = None
         self._aead_factory = aead
@@ -158,16 +159,22 @@ class AeadStreamDecryptor:
         self._end = 0
 
     def recv_buffer(self) -> memoryview:
-        if self._filled and len(self._buf) < self._capacity:
-            buf = memoryview(bytearray(min(2 * len(self._buf), self._capacity)))
-            kept = self._end - self._start
-            buf[:kept] = self._buf[self._start : self._end]
-            self._buf, self._out = buf, memoryview(bytearray(len(buf)))
-            self._start, self._end = 0, kept
-        elif len(self._buf) - self._end < _MAX_CHUNK:
-            kept = self._end - self._start
-            self._buf[:kept] = self._buf[self._start : self._end]
-            self._start, self._end = 0, kept
+        buf, start, end = self._buf, self._start, self._end
+        # Bytes the chunk being read needs from ``start`` on: its payload and tag once the length
+        # is known, else the salt (if still to come) and a length chunk.
+        needed = self._length + TAG_SIZE if self._length >= 0 else _LENGTH_CHUNK + (0 if self._decrypt_into else self._salt_size)
+        size = len(buf)
+        if self._filled and size < self._capacity:
+            size = min(2 * size, self._capacity)
+        size = max(size, needed)
+        if size > len(buf):
+            grown = memoryview(bytearray(size))
+            grown[: end - start] = buf[start:end]
+            self._buf, self._out = grown, memoryview(bytearray(size))
+            self._start, self._end = 0, end - start
+        elif start and (len(buf) - start < needed or len(buf) - end < len(buf) // 4):
+            buf[: end - start] = buf[start:end]  # move the partial chunk to the front
+            self._start, self._end = 0, end - start
         self._filled = False
         return self._buf[self._end :]
 

@@ -74,14 +74,14 @@ class Cipher(Protocol):
         """The UDP packet codec for this key."""
 
 
-INITIAL_BUFFER_SIZE = 16 * 1024
+INITIAL_BUFFER_SIZE = 4 * 1024
 
 
 class PlainDecoder:
     """The identity decoder: one buffer, handed out again and again.
 
     It starts small and doubles (up to ``capacity``) each time a receive fills it, so an idle or
-    chatty session costs 16 KiB and a bulk transfer gets large reads.
+    chatty session costs 4 KiB and a bulk transfer gets large reads.
     """
 
     __slots__ = ("_view", "_capacity")
