@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import importlib.util
 import json
 import multiprocessing
@@ -164,6 +165,14 @@ def _cpu_one(pid: int) -> float:
 def tree_cpu(pid: int) -> float:
     """utime + stime of pid and its descendants, in seconds."""
     return sum(_cpu_one(p) for p in descendants(pid))
+
+
+def host_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all the host's CPUs, from /proc/stat (idle and iowait are not busy)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    total = sum(values[:8])  # guest time is already in user
+    return total - values[3] - values[4], total
 
 
 def rss_kib(pid: int) -> int:
@@ -900,6 +909,7 @@ class BulkSample:
     wall: float  # the whole iperf3 client run: what the CPU times are over
     local_cpu: float | None
     remote_cpu: float | None
+    host_busy: float | None  # share of all the host's CPU time that was busy during the run (0..1)
 
 
 def measure_bulk(
@@ -907,7 +917,7 @@ def measure_bulk(
 ) -> BulkSample:
     for attempt in (1, 2):
         pair.check()
-        before = pair.cpu()
+        before, host_before = pair.cpu(), host_cpu()
         start = time.monotonic()
         try:
             result = run_iperf3(
@@ -922,9 +932,11 @@ def measure_bulk(
             server.restart()
             continue
         wall = time.monotonic() - start
-        after = pair.cpu()
+        after, host_after = pair.cpu(), host_cpu()
         break
     local_cpu, remote_cpu = delta(before, after)
+    host_total = host_after[1] - host_before[1]
+    host_busy = (host_after[0] - host_before[0]) / host_total if host_total > 0 else None
     return BulkSample(
         rep,
         pair.method,
@@ -939,6 +951,7 @@ def measure_bulk(
         wall,
         local_cpu,
         remote_cpu,
+        host_busy,
     )
 
 
@@ -1190,6 +1203,9 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
                 busy = {"relay": med("scaling", method, "relay", lambda s: _busy(s), workers=level)}
                 busy.update({i: med("scaling", method, i, _busy) for i in others})
                 rows.append(Row(name, method, f"cores busy {label}", busy, ".2f"))
+                host = {"relay": med("scaling", method, "relay", lambda s: _pct(s.host_busy), workers=level)}
+                host.update({i: med("scaling", method, i, lambda s: _pct(s.host_busy)) for i in others})
+                rows.append(Row(name, method, f"host CPU busy % {label}", host, ".0f"))
             if len(levels) >= 2:
                 first = med("scaling", method, "relay", lambda s: s.mb_per_s, workers=levels[0])
                 last = med("scaling", method, "relay", lambda s: s.mb_per_s, workers=levels[-1])
@@ -1210,6 +1226,10 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
 
 def _sum(a: float | None, b: float | None) -> float | None:
     return None if a is None and b is None else (a or 0.0) + (b or 0.0)
+
+
+def _pct(fraction: float | None) -> float | None:
+    return None if fraction is None else 100.0 * fraction
 
 
 def _busy(s: BulkSample) -> float | None:
@@ -1316,6 +1336,21 @@ def relay_info(python: str) -> dict:
         ).stdout
         info["git"] = head.strip() + (" with uncommitted changes in relay/ or plugins/" if dirty.strip() else "")
     return info
+
+
+def source_state() -> str:
+    """The checkout's relay/ and plugins/ as they are now (commit, changes, new files): relay is
+    installed editable, so a change during the run changes what later relay processes run."""
+    git = ["git", "-C", str(ROOT)]
+    parts = [
+        subprocess.run([*git, *argv], check=False, capture_output=True, text=True).stdout
+        for argv in (
+            ["rev-parse", "HEAD"],
+            ["diff", "HEAD", "--", "relay", "plugins"],
+            ["status", "--porcelain", "--untracked-files=all", "--", "relay", "plugins"],
+        )
+    ]
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()
 
 
 def resolve_sizes(args: argparse.Namespace) -> None:
@@ -1456,6 +1491,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     samples: dict[str, list] = {m: [] for m in MEASUREMENTS}
+    sources_before = source_state()
     began = time.monotonic()
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="relay-bench-perf-") as tmp:
         logdir = Path(tmp)
@@ -1601,6 +1637,11 @@ def main(argv: list[str] | None = None) -> int:
         for pair in [*echo_pairs.values(), *iperf_pairs.values(), *worker_pairs.values()]:
             pair.check()
     elapsed = time.monotonic() - began
+    if any("git" in info for info in infos.values()) and source_state() != sources_before:
+        notes.append(
+            f"relay/ or plugins/ in {ROOT} changed during the run: relays started after the change (memory runs start "
+            "fresh pairs) ran other code than those started before it. Rerun for a clean comparison."
+        )
 
     rows = build_rows(samples, args.methods, args.impls, scaling_workers)
     notes += sanity_notes(samples, args)
@@ -1688,6 +1729,21 @@ def sanity_notes(samples: dict[str, list], args: argparse.Namespace) -> list[str
     failed = [(s.impl, s.method, s.errors) for s in conn if sum(s.errors.values()) > 0.01 * max(s.count, 1)]
     for impl, method, errors in failed:
         notes.append(f"conn {method} {impl}: more than 1% of connections failed: {errors}")
+    first_level = min((s.workers for s in samples["scaling"] if s.impl == "relay" and s.workers), default=None)
+    for method in args.methods:
+        host = _median(
+            [
+                s.host_busy
+                for s in samples["scaling"]
+                if s.impl == "relay" and s.method == method and s.workers == first_level
+            ]
+        )
+        if first_level and host is not None and host > 0.9:
+            notes.append(
+                f"scaling {method}: the host's CPUs were already {host:.0%} busy with --workers {first_level} (the relays "
+                "plus iperf3's client and server): more workers have no idle core to use here, so w2/w1 shows the cost "
+                "of the extra processes rather than their gain. Scaling needs more cores than that."
+            )
     busy = [s for s in conn if s.client_cpu_pct > 90]
     if busy:
         notes.append(
