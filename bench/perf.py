@@ -1804,7 +1804,8 @@ def print_legend(args: argparse.Namespace) -> None:
             f"loss, with a {UDP_LOSS_FLOOR_PCT:g}-point floor, and under {UDP_COLLAPSE_PCT:g}%). memory: VmRSS of a fresh "
             "pair (with --udp / -u) after one connection, and (RSS with N idle established connections - idle) / N. "
             f"{args.streams} streams: iperf3 -P {args.streams} upload; cores busy = CPU-s of both relays per wall "
-            "second; libev, direct and baseline have no --workers, so each workers row repeats their samples.",
+            "second; host CPU busy = share of all the host's CPU time (/proc/stat) that was busy, whoever used it; "
+            "libev, direct and baseline have no --workers, so each workers row repeats their samples.",
             width=120,
         )
     )
