@@ -188,6 +188,14 @@ class Pump:
             pass  # the pump has wake-ups pending already
 
     def _run(self) -> None:
+        while True:
+            try:
+                self._serve()
+            except Exception:  # noqa: BLE001 - a bug here must not freeze every session
+                log.exception("pump loop failed; restarting it")
+                time.sleep(0.1)
+
+    def _serve(self) -> None:
         select = self._selector.select
         next_sweep = time.monotonic() + SWEEP_INTERVAL
         while True:
@@ -199,13 +207,8 @@ class Pump:
                     continue
                 if flow.ended:
                     continue
-                try:
-                    flow.handle(key.fileobj, events)  # type: ignore[arg-type]
-                except BaseException as e:  # noqa: BLE001 - whatever ends a session is its error
-                    self._end(flow, e)
-                    continue
                 flow.active = time.monotonic()
-                self._update(flow)
+                self._guard(flow, flow.handle, key.fileobj, events)
             now = time.monotonic()
             while self._heads and self._heads[0][0] <= now:
                 _, _, flow = heapq.heappop(self._heads)
@@ -228,15 +231,16 @@ class Pump:
             self._flows.add(flow)
             if flow.head_deadline is not None:
                 heapq.heappush(self._heads, (flow.head_deadline, id(flow), flow))
-            self._update(flow)
+            self._guard(flow, _nothing)
 
-    def _guard(self, flow: _Flow, action: Callable[[], None]) -> None:
+    def _guard(self, flow: _Flow, action: Callable[..., None], *args: object) -> None:
+        """Run ``action`` for ``flow`` and update what its sockets wait for; any error (a
+        reset, a bad chunk, a socket closed under us) ends that session, never the pump."""
         try:
-            action()
-        except BaseException as e:  # noqa: BLE001
+            action(*args)
+            self._update(flow)
+        except BaseException as e:  # noqa: BLE001 - whatever ends a session is its error
             self._end(flow, e)
-            return
-        self._update(flow)
 
     def _update(self, flow: _Flow) -> None:
         if flow.ended:
@@ -257,6 +261,7 @@ class Pump:
             flow.masks[sock] = mask
 
     def _end(self, flow: _Flow, error: BaseException | None) -> None:
+        """Unregister, close the upstream, and report; safe to call twice."""
         if flow.ended:
             return
         flow.ended = True
@@ -275,6 +280,10 @@ class Pump:
             flow.on_done(PumpResult(flow.up.moved, flow.down.moved, error))
         except Exception:  # noqa: BLE001 - the pump must outlive any session's bookkeeping
             log.exception("ending a session failed")
+
+
+def _nothing() -> None:
+    pass
 
 
 _shared: Pump | None = None
