@@ -720,6 +720,7 @@ class ConnSample:
     target_cpu_pct: float  # all echo target processes together
     local_cpu: float | None
     remote_cpu: float | None
+    host_busy: float | None  # share of all the host's CPU time that was busy during the run (0..1)
 
 
 def measure_conn(pair: Pair, echo: EchoTargets, args: argparse.Namespace, rep: int) -> ConnSample:
@@ -730,7 +731,7 @@ def measure_conn(pair: Pair, echo: EchoTargets, args: argparse.Namespace, rep: i
         for n in range(args.conn_clients)
     ]
     procs = []
-    before, target_before = pair.cpu(), echo.cpu()
+    before, target_before, host_before = pair.cpu(), echo.cpu(), host_cpu()
     for share in shares:
         receiver, sender = context.Pipe(duplex=False)
         proc = context.Process(
@@ -757,7 +758,7 @@ def measure_conn(pair: Pair, echo: EchoTargets, args: argparse.Namespace, rep: i
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-    after, target_after = pair.cpu(), echo.cpu()
+    after, target_after, host_after = pair.cpu(), echo.cpu(), host_cpu()
     count = sum(r["count"] for r in results)
     seconds = max(r["last"] for r in results) - start_at
     errors: dict[str, int] = {}
@@ -781,6 +782,9 @@ def measure_conn(pair: Pair, echo: EchoTargets, args: argparse.Namespace, rep: i
         target_cpu_pct=100.0 * (target_after - target_before) / seconds if seconds > 0 else 0.0,
         local_cpu=local_cpu,
         remote_cpu=remote_cpu,
+        host_busy=(host_after[0] - host_before[0]) / (host_after[1] - host_before[1])
+        if host_after[1] > host_before[1]
+        else None,
     )
 
 
@@ -1097,6 +1101,15 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
                     method,
                     "failed conns",
                     per_impl("conn", method, lambda s: float(sum(s.errors.values()))),
+                    ".0f",
+                )
+            )
+            rows.append(
+                Row(
+                    "new connections",
+                    method,
+                    "host CPU busy %",
+                    per_impl("conn", method, lambda s: _pct(s.host_busy)),
                     ".0f",
                 )
             )
@@ -1601,7 +1614,7 @@ def main(argv: list[str] | None = None) -> int:
                                 method,
                                 impl,
                                 f"{s.conn_per_s:7.0f} conn/s  failed {sum(s.errors.values())}  client CPU {s.client_cpu_pct:3.0f} %  "
-                                f"target CPU {s.target_cpu_pct:3.0f} %",
+                                f"target CPU {s.target_cpu_pct:3.0f} %  host CPU busy {_pct(s.host_busy) or 0:3.0f} %",
                             )
                         elif what == "latency":
                             s = measure_latency(echo_pairs[impl, method], args.round_trips, rep)
