@@ -26,7 +26,7 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
-import selectors
+import select
 import socket
 import threading
 import time
@@ -44,8 +44,13 @@ log = logging.getLogger("relay")
 FIRST_FLIGHT_WAIT = 0.05
 SWEEP_INTERVAL = 1.0
 
-_READ = selectors.EVENT_READ
-_WRITE = selectors.EVENT_WRITE
+# epoll where there is one (Linux), else poll: the same register/modify/unregister/poll calls.
+_EPOLL = hasattr(select, "epoll")
+_IN = select.EPOLLIN if _EPOLL else select.POLLIN
+_OUT = select.EPOLLOUT if _EPOLL else select.POLLOUT
+_GONE = (select.EPOLLHUP | select.EPOLLERR) if _EPOLL else (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+_INISH = _IN | _GONE  # a hang-up or an error is read (and reported) as input...
+_OUTISH = _OUT | _GONE  # ...or as output, whichever the socket waits for
 
 
 @dataclass
@@ -132,43 +137,40 @@ class _Flow:
         self.upstream = upstream
         self.timeout = timeout
         self.on_done = on_done
-        self.masks = {client.sock: 0, upstream.sock: 0}
+        self.masks = {client.sock.fileno(): 0, upstream.sock.fileno(): 0}
         self.active = time.monotonic()
         self.head_deadline = self.active + FIRST_FLIGHT_WAIT if self.up.head is not None else None
         self.ended = False
 
-    def wanted(self, sock: socket.socket) -> int:
-        """What ``sock`` waits for: input while its direction reads and has nothing pending
+    def wanted(self, reader: _Direction, sender: _Direction) -> int:
+        """What a socket waits for: input while the direction reading it has nothing pending
         (backpressure), output while the other direction has bytes pending for it."""
-        reader, sender = (self.up, self.down) if sock is self.client.sock else (self.down, self.up)
-        mask = _READ if reader.reading and reader.pending is None else 0
+        mask = _IN if reader.reading and reader.pending is None else 0
         if sender.pending is not None:
-            mask |= _WRITE
+            mask |= _OUT
         return mask
 
-    def handle(self, sock: socket.socket, events: int) -> None:
-        reader, sender = (self.up, self.down) if sock is self.client.sock else (self.down, self.up)
-        if events & _WRITE and sender.pending is not None:
+    def handle(self, is_client: bool, events: int) -> None:
+        reader, sender = (self.up, self.down) if is_client else (self.down, self.up)
+        if events & _OUTISH and sender.pending is not None:
             sender.flush()
-        if events & _READ and reader.reading and reader.pending is None:
+        if events & _INISH and reader.reading and reader.pending is None:
             reader.read()
-            if reader is self.up and self.up.head is None:
+            if is_client and self.up.head is None:
                 self.head_deadline = None  # read() sent the head with the data, or at EOF
 
-    @property
-    def finished(self) -> bool:
-        return self.up.done and self.down.done
 
 
 class Pump:
     """The process's pump thread and the sessions it moves. ``start`` is thread-safe."""
 
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        self._poller = select.epoll() if _EPOLL else select.poll()
         self._wake_reader, self._waker = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._waker.setblocking(False)
-        self._selector.register(self._wake_reader, _READ, None)
+        self._poller.register(self._wake_reader.fileno(), _IN)
+        self._sockets: dict[int, tuple[_Flow, bool]] = {}  # fd -> (its flow, whether it is the client)
         self._incoming: collections.deque[_Flow] = collections.deque()
         self._flows: set[_Flow] = set()
         self._heads: list[tuple[float, int, _Flow]] = []  # first-flight deadlines, a heap
@@ -196,20 +198,29 @@ class Pump:
                 time.sleep(0.1)
 
     def _serve(self) -> None:
-        select = self._selector.select
-        next_sweep = time.monotonic() + SWEEP_INTERVAL
+        poll = self._poller.poll
+        scale = 1.0 if _EPOLL else 1000.0  # epoll waits in seconds, poll in milliseconds
+        sockets = self._sockets
+        monotonic = time.monotonic
+        next_sweep = monotonic() + SWEEP_INTERVAL
         while True:
-            timeout = max(0.0, min(next_sweep, self._heads[0][0] if self._heads else next_sweep) - time.monotonic())
-            for key, events in select(timeout):
-                flow: _Flow | None = key.data
-                if flow is None:
+            wait = max(0.0, min(next_sweep, self._heads[0][0] if self._heads else next_sweep) - monotonic())
+            events = poll(wait * scale)
+            now = monotonic()
+            for fd, event in events:
+                entry = sockets.get(fd)
+                if entry is None:
                     self._admit()
                     continue
+                flow, is_client = entry
                 if flow.ended:
                     continue
-                flow.active = time.monotonic()
-                self._guard(flow, flow.handle, key.fileobj, events)
-            now = time.monotonic()
+                flow.active = now
+                try:
+                    flow.handle(is_client, event)
+                    self._update(flow)
+                except BaseException as e:  # noqa: BLE001 - whatever ends a session is its error
+                    self._end(flow, e)
             while self._heads and self._heads[0][0] <= now:
                 _, _, flow = heapq.heappop(self._heads)
                 if flow.head_deadline is not None and not flow.ended:
@@ -229,6 +240,8 @@ class Pump:
         while self._incoming:
             flow = self._incoming.popleft()
             self._flows.add(flow)
+            self._sockets[flow.client.sock.fileno()] = (flow, True)
+            self._sockets[flow.upstream.sock.fileno()] = (flow, False)
             if flow.head_deadline is not None:
                 heapq.heappush(self._heads, (flow.head_deadline, id(flow), flow))
             self._guard(flow, _nothing)
@@ -245,20 +258,22 @@ class Pump:
     def _update(self, flow: _Flow) -> None:
         if flow.ended:
             return
-        if flow.finished:
+        up, down = flow.up, flow.down
+        if up.done and down.done:
             self._end(flow, None)
             return
-        for sock, registered in flow.masks.items():
-            mask = flow.wanted(sock)
+        masks = flow.masks
+        for fd, mask in ((up.src.fileno(), flow.wanted(up, down)), (down.src.fileno(), flow.wanted(down, up))):
+            registered = masks[fd]
             if mask == registered:
                 continue
             if not registered:
-                self._selector.register(sock, mask, flow)
+                self._poller.register(fd, mask)
             elif not mask:
-                self._selector.unregister(sock)
+                self._poller.unregister(fd)
             else:
-                self._selector.modify(sock, mask, flow)
-            flow.masks[sock] = mask
+                self._poller.modify(fd, mask)
+            masks[fd] = mask
 
     def _end(self, flow: _Flow, error: BaseException | None) -> None:
         """Unregister, close the upstream, and report; safe to call twice."""
@@ -266,14 +281,15 @@ class Pump:
             return
         flow.ended = True
         self._flows.discard(flow)
-        for sock, registered in flow.masks.items():
+        for fd, registered in flow.masks.items():
+            self._sockets.pop(fd, None)
             if registered:
                 try:
-                    self._selector.unregister(sock)
-                except (KeyError, ValueError):
+                    self._poller.unregister(fd)
+                except (KeyError, ValueError, OSError):
                     pass
         if error is not None:
-            for sock in flow.masks:
+            for sock in (flow.client.sock, flow.upstream.sock):
                 shutdown_quietly(sock, socket.SHUT_RDWR)
         flow.upstream.close()
         try:

@@ -159,6 +159,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+    request_queue_size = 128  # socketserver's 5 drops connections when tests open many at once
 
 
 @contextlib.contextmanager
