@@ -5,6 +5,7 @@
      +-- TargetRefused      the policy (or a plugin) will not let a session reach its target
      +-- ProtocolError      a peer sent bytes that break the protocol
           +-- Socks5Error   ... and SOCKS5 has a reply code for it
+          +-- Socks4Error   ... and SOCKS4 answers it with a reply code (91, rejected or failed)
           +-- DecryptError  ... an AEAD tag did not verify (wrong key, tampering, a probe)
 
 OSError stays OSError: it is translated once, where a socket is used (see relay.server).
@@ -18,6 +19,7 @@ __all__ = [
     "TargetRefused",
     "ProtocolError",
     "Socks5Error",
+    "Socks4Error",
     "DecryptError",
 ]
 
@@ -40,6 +42,18 @@ class ProtocolError(RelayError):
 
 class Socks5Error(ProtocolError):
     """A SOCKS5 failure that has a reply code (RFC 1928 section 6)."""
+
+    def __init__(self, reply_code: int, message: str) -> None:
+        super().__init__(message)
+        self.reply_code = reply_code
+
+
+class Socks4Error(ProtocolError):
+    """A SOCKS4/4a request the server answers with a failure code before closing.
+
+    ``reply_code`` is the CD byte of that answer: 91 (request rejected or failed) for every
+    malformed or unsupported request; 92 and 93 are identd verdicts, not protocol errors.
+    """
 
     def __init__(self, reply_code: int, message: str) -> None:
         super().__init__(message)

@@ -1,4 +1,4 @@
-"""SOCKS5, the server side, sans-I/O (RFC 1928; RFC 1929 is the front-ends issue's).
+"""SOCKS5, the server side, sans-I/O (RFC 1928, with RFC 1929 username/password authentication).
 
 Client greeting and the server's choice::
 
@@ -6,6 +6,19 @@ Client greeting and the server's choice::
     | VER | NMETHODS | METHODS  |  --->  | VER | METHOD |
     |  5  |    1     | 1 to 255 |  <---  |  5  |   1    |
     +-----+----------+----------+        +-----+--------+
+
+Username/password sub-negotiation, when the server chose method 2 (RFC 1929 section 2)::
+
+    +-----+------+----------+------+----------+        +-----+--------+
+    | VER | ULEN |  UNAME   | PLEN |  PASSWD  |  --->  | VER | STATUS |
+    |  1  |  1   | 1 to 255 |  1   | 0 to 255 |  <---  |  1  |   1    |
+    +-----+------+----------+------+----------+        +-----+--------+
+
+    STATUS 0 is success; anything else is failure, after which the server closes the connection.
+    RFC 1929 says PLEN is 1 to 255; an empty password (PLEN 0) is tolerated, an empty username is not.
+    UNAME and PASSWD are decoded as strict UTF-8 (the RFC names no charset): bytes that are not
+    UTF-8 raise ProtocolError, for the username and the password alike, so a ``Credentials`` event
+    holds ordinary ``str`` values (no lone surrogates) that encode back to the client's exact bytes.
 
 Request and reply (the address is relay.address's ATYP form)::
 
@@ -23,12 +36,19 @@ A UDP datagram between client and relay, after UDP ASSOCIATE::
 
 Use: feed bytes with ``receive_data`` (``b""`` means EOF), pull events with ``next_event``
 (``NEED_DATA`` until a whole message is in), and turn answers into bytes with ``send``.
+The states, in the order a handshake meets them::
+
+    GREETING --Greeting--> CHOOSING_METHOD --MethodSelection(NO_AUTHENTICATION)--> REQUEST
+    CHOOSING_METHOD --MethodSelection(USERNAME_PASSWORD)--> AUTHENTICATING --Credentials--> VERIFYING
+    VERIFYING --AuthResult(True)--> REQUEST --Request--> REPLYING --Reply(SUCCEEDED)--> ESTABLISHED
+    NO_ACCEPTABLE_METHODS, AuthResult(False) and a failure Reply lead to CLOSED.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .address import Address, decode_address, encode_address
 from .errors import ProtocolError, Socks5Error
@@ -36,11 +56,14 @@ from .protocol import NEED_DATA, NeedData
 
 __all__ = [
     "VERSION",
+    "AUTH_VERSION",
     "Method",
     "Command",
     "ReplyCode",
     "Greeting",
     "MethodSelection",
+    "Credentials",
+    "AuthResult",
     "Request",
     "Reply",
     "NEED_DATA",
@@ -52,6 +75,7 @@ __all__ = [
 ]
 
 VERSION = 5
+AUTH_VERSION = 1  # the version byte of RFC 1929's sub-negotiation, in both directions
 
 
 class Method(enum.IntEnum):
@@ -90,6 +114,21 @@ class MethodSelection:
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """The client's RFC 1929 username and password (the password stays out of ``repr``, hence logs)."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    """The server's verdict on the credentials: STATUS 0 if ``ok``, else 1 and the connection closes."""
+
+    ok: bool
+
+
+@dataclass(frozen=True)
 class Request:
     command: Command
     target: Address
@@ -104,17 +143,45 @@ class Reply:
 class State(enum.Enum):
     GREETING = "client sends its greeting"
     CHOOSING_METHOD = "server sends its method selection"
+    AUTHENTICATING = "client sends its username and password"
+    VERIFYING = "server sends its verdict on the credentials"
     REQUEST = "client sends its request"
     REPLYING = "server sends its reply"
     ESTABLISHED = "the connection carries the client's stream"
     CLOSED = "the handshake failed; the connection must be closed"
 
 
-# (state, kind of message) -> next state. Anything missing is a protocol violation.
-_TRANSITIONS: dict[tuple[State, type], State] = {
-    (State.GREETING, Greeting): State.CHOOSING_METHOD,
-    (State.REQUEST, Request): State.REPLYING,
+# (state, kind of message, outcome) -> next state. Anything missing is a protocol violation.
+# The client's messages have no outcome (None); the server's have the one that decides where
+# the handshake goes (see _outcome): the chosen method, whether the credentials are accepted,
+# whether the reply is a success.
+_TRANSITIONS: dict[tuple[State, type, object], State] = {
+    (State.GREETING, Greeting, None): State.CHOOSING_METHOD,
+    (State.CHOOSING_METHOD, MethodSelection, Method.NO_AUTHENTICATION): State.REQUEST,
+    (State.CHOOSING_METHOD, MethodSelection, Method.USERNAME_PASSWORD): State.AUTHENTICATING,
+    (State.CHOOSING_METHOD, MethodSelection, Method.NO_ACCEPTABLE_METHODS): State.CLOSED,
+    (State.AUTHENTICATING, Credentials, None): State.VERIFYING,
+    # AUTHENTICATING too: credentials that could not be parsed may still be answered with a failure.
+    (State.AUTHENTICATING, AuthResult, False): State.CLOSED,
+    (State.VERIFYING, AuthResult, True): State.REQUEST,
+    (State.VERIFYING, AuthResult, False): State.CLOSED,
+    (State.REQUEST, Request, None): State.REPLYING,
+    (State.REPLYING, Reply, True): State.ESTABLISHED,
+    (State.REPLYING, Reply, False): State.CLOSED,
+    # REQUEST too: a request that could not be parsed is still answered with its code.
+    (State.REQUEST, Reply, True): State.ESTABLISHED,
+    (State.REQUEST, Reply, False): State.CLOSED,
 }
+
+
+def _outcome(message: object) -> object:
+    if isinstance(message, MethodSelection):
+        return message.method
+    if isinstance(message, AuthResult):
+        return bool(message.ok)
+    if isinstance(message, Reply):
+        return message.code == ReplyCode.SUCCEEDED
+    return None
 
 
 class Socks5Server:
@@ -137,35 +204,31 @@ class Socks5Server:
             self._eof = True
         self._buffer += data
 
-    def next_event(self) -> Greeting | Request | NeedData:
-        if self.state is State.GREETING:
-            event, used = _parse_greeting(self._buffer)
-        elif self.state is State.REQUEST:
-            event, used = _parse_request(self._buffer)
-        else:
+    def next_event(self) -> Greeting | Credentials | Request | NeedData:
+        parse = _PARSERS.get(self.state)
+        if parse is None:
             raise ProtocolError(f"no event expected while {self.state.value}")
+        event, used = parse(self._buffer)
         if event is NEED_DATA:
             if self._eof:
                 raise ProtocolError(f"connection closed while {self.state.value}")
             return NEED_DATA
         del self._buffer[:used]
-        self.state = _TRANSITIONS[(self.state, type(event))]
+        self.state = _TRANSITIONS[(self.state, type(event), None)]
         return event
 
-    def send(self, message: MethodSelection | Reply) -> bytes:
-        if isinstance(message, MethodSelection) and self.state is State.CHOOSING_METHOD:
-            if message.method == Method.NO_ACCEPTABLE_METHODS:
-                self.state = State.CLOSED
-            elif message.method == Method.NO_AUTHENTICATION:
-                self.state = State.REQUEST
-            else:
-                raise ProtocolError(f"method {message.method!r} is not implemented")
-            return bytes((VERSION, message.method))
-        if isinstance(message, Reply) and self.state in (State.REPLYING, State.REQUEST):
-            # REQUEST too: a request that could not be parsed is still answered with its code.
-            self.state = State.ESTABLISHED if message.code == ReplyCode.SUCCEEDED else State.CLOSED
-            return bytes((VERSION, message.code, 0)) + encode_address(message.bound)
-        raise ProtocolError(f"cannot send {type(message).__name__} while {self.state.value}")
+    def send(self, message: MethodSelection | AuthResult | Reply) -> bytes:
+        next_state = _TRANSITIONS.get((self.state, type(message), _outcome(message)))
+        if next_state is None:
+            raise ProtocolError(f"cannot send {message!r} while {self.state.value}")
+        if isinstance(message, MethodSelection):
+            data = bytes((VERSION, message.method))
+        elif isinstance(message, AuthResult):
+            data = bytes((AUTH_VERSION, 0x00 if message.ok else 0x01))
+        else:
+            data = bytes((VERSION, message.code, 0)) + encode_address(message.bound)
+        self.state = next_state
+        return data
 
 
 def _check_version(buffer: bytearray) -> None:
@@ -185,6 +248,36 @@ def _parse_greeting(buffer: bytearray) -> tuple[Greeting | NeedData, int]:
     return Greeting(tuple(buffer[2:end])), end
 
 
+def _parse_credentials(buffer: bytearray) -> tuple[Credentials | NeedData, int]:
+    # Checked in wire order, each as soon as its bytes are in: the same input raises the same
+    # error however it was split.
+    if not buffer:
+        return NEED_DATA, 0
+    if buffer[0] != AUTH_VERSION:
+        raise ProtocolError(f"not RFC 1929 username/password: version byte {buffer[0]:#04x}")
+    if len(buffer) < 2:
+        return NEED_DATA, 0
+    if buffer[1] == 0:
+        raise ProtocolError("empty username (RFC 1929 requires 1 to 255 bytes)")
+    plen_at = 2 + buffer[1]
+    if len(buffer) < plen_at:
+        return NEED_DATA, 0
+    username = _utf8(buffer[2:plen_at], "username")
+    if len(buffer) < plen_at + 1:
+        return NEED_DATA, 0
+    end = plen_at + 1 + buffer[plen_at]
+    if len(buffer) < end:
+        return NEED_DATA, 0
+    return Credentials(username, _utf8(buffer[plen_at + 1 : end], "password")), end
+
+
+def _utf8(data: bytearray, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not UTF-8") from None  # never echo the bytes: it may be a secret
+
+
 def _parse_request(buffer: bytearray) -> tuple[Request | NeedData, int]:
     if len(buffer) < 4:
         if buffer:
@@ -201,6 +294,12 @@ def _parse_request(buffer: bytearray) -> tuple[Request | NeedData, int]:
     target, end = decoded
     return Request(command, target), end
 
+
+_PARSERS: dict[State, Callable[[bytearray], tuple[object, int]]] = {
+    State.GREETING: _parse_greeting,
+    State.AUTHENTICATING: _parse_credentials,
+    State.REQUEST: _parse_request,
+}
 
 
 @dataclass(frozen=True)
