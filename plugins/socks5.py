@@ -9,14 +9,18 @@ first datagram), and closing the control connection ends the association.
 from __future__ import annotations
 
 import errno
+import hmac
 import socket
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from relay import Address, HandlerSpec, RelayHandler, Socks5Error, TargetRefused, hookimpl
+from relay import Address, HandlerSpec, ProtocolError, RelayHandler, Socks5Error, TargetRefused, hookimpl
 from relay.socks5 import (
+    AuthResult,
     Command,
+    Credentials,
     Greeting,
     Method,
     MethodSelection,
@@ -36,10 +40,14 @@ class Socks5Handler(RelayHandler):
         protocol = Socks5Server()
         greeting = self.next_event(protocol)
         assert isinstance(greeting, Greeting)
-        if Method.NO_AUTHENTICATION not in greeting.methods:
+        users = self.session.config.auth
+        method = Method.USERNAME_PASSWORD if users else Method.NO_AUTHENTICATION
+        if method not in greeting.methods:
             conn.sendall(protocol.send(MethodSelection(Method.NO_ACCEPTABLE_METHODS)))
-            raise Socks5Error(ReplyCode.GENERAL_FAILURE, "client offers no method we accept (no authentication)")
-        conn.sendall(protocol.send(MethodSelection(Method.NO_AUTHENTICATION)))
+            raise Socks5Error(ReplyCode.GENERAL_FAILURE, f"client does not offer {method.name.lower().replace('_', ' ')}")
+        conn.sendall(protocol.send(MethodSelection(method)))
+        if users:
+            self._authenticate(protocol, users)
         try:
             request = self.next_event(protocol)
             assert isinstance(request, Request)
@@ -65,6 +73,20 @@ class Socks5Handler(RelayHandler):
             bound = Reply.bound  # through a tunnel the outgoing address is the remote's to know
         conn.sendall(protocol.send(Reply(ReplyCode.SUCCEEDED, bound)))
         self.relay(upstream, early=protocol.trailing_data)
+
+    def _authenticate(self, protocol: Socks5Server, users: Mapping[str, str]) -> None:
+        """RFC 1929: a wrong user or password is answered with failure, then the connection closes."""
+        try:
+            credentials = self.next_event(protocol)
+            assert isinstance(credentials, Credentials)
+            expected = users.get(credentials.username)
+            ok = expected is not None and hmac.compare_digest(expected.encode(), credentials.password.encode())
+        except ProtocolError:
+            self.request.sendall(protocol.send(AuthResult(False)))
+            raise
+        self.request.sendall(protocol.send(AuthResult(ok)))
+        if not ok:
+            raise ProtocolError("SOCKS5 authentication failed")
 
     def _associate(self, protocol: Socks5Server, request: Request) -> None:
         udp: RelayUDPServer | None = self.server.udp_server

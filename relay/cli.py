@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_METHOD, Config, build_config, load_file
+from .config import DEFAULT_METHOD, Config, build_config, build_configs, load_file
 from .errors import ConfigError
 from .plugin_manager import RelayPluginManager, get_plugin_manager
 from .runner import Runner
@@ -31,7 +31,7 @@ EXIT_USAGE = 2
 
 # Flags that map onto config keys; everything else is the CLI's own.
 _CONFIG_FLAGS = (
-    "listen server method password key timeout connect_timeout protocol forward handler allow_private mode udp_timeout workers".split()
+    "listen server method password key timeout connect_timeout protocol forward handler allow_private mode udp_timeout workers auth".split()
 )
 
 
@@ -64,7 +64,8 @@ def build_parser(pm: RelayPluginManager) -> argparse.ArgumentParser:
     _config_options(local, listen_default="127.0.0.1:1080")
     local.add_argument("-s", "--server", metavar="HOST:PORT", help="the remote relay")
     _cipher_options(local)
-    local.add_argument("--protocol", metavar="NAME", help="front-end: socks5 (default) or tunnel")
+    local.add_argument("--protocol", metavar="NAME", help="front-end: mixed (default: SOCKS5, SOCKS4/4a and HTTP on one port), socks5, socks4, http or tunnel")
+    local.add_argument("--auth", action="append", metavar="USER:PASSWORD", help="require this user (SOCKS5 username/password, HTTP Basic); repeatable")
     local.add_argument("-L", "--forward", metavar="HOST:PORT", help="tunnel target, as seen from the remote (ss-tunnel's -L)")
 
     remote = _command(commands, "remote", "run a remote relay: the Shadowsocks server end", _run_remote)
@@ -142,15 +143,19 @@ def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _config(role: str, args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any], **extra: Any) -> Config:
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
     flags = {key: getattr(args, key, None) for key in _CONFIG_FLAGS}
     flags["plugins"] = args.plugin or None
-    flags.update(extra)
-    return build_config(role, file, flags, ciphers=pm.ciphers(), handlers=pm.handlers(), options=args)
+    return flags
+
+
+def _config(role: str, args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> Config:
+    return build_config(role, file, _flags(args), ciphers=pm.ciphers(), handlers=pm.handlers(), options=args)
 
 
 def _run_local(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:
-    return _serve(pm, [_config("local", args, pm, file)])
+    flags = _flags(args)
+    return _serve(pm, build_configs("local", file, flags, ciphers=pm.ciphers(), handlers=pm.handlers(), options=args))
 
 
 def _run_remote(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:

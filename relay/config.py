@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .codec import Cipher
 from .errors import ConfigError
 from .hookspecs import HandlerSpec
 
-__all__ = ["Config", "Role", "build_config", "load_file", "DEFAULT_METHOD"]
+__all__ = ["Config", "Role", "build_config", "build_configs", "load_file", "DEFAULT_METHOD"]
 
 DEFAULT_METHOD = "chacha20-ietf-poly1305"
 DEFAULT_TIMEOUT = 300.0
@@ -40,7 +41,8 @@ MODES = ("tcp_only", "tcp_and_udp", "udp_only")
 # Role -> default listen address and default handler (the session's front-end).
 Role = str
 _DEFAULT_LISTEN = {"local": "127.0.0.1:1080", "remote": "0.0.0.0:8388", "serve": "127.0.0.1:9999"}
-_DEFAULT_PROTOCOL = {"local": "socks5", "remote": "shadowsocks"}
+_DEFAULT_PROTOCOL = {"local": "mixed", "remote": "shadowsocks"}
+_PER_LOCAL_FLAGS = ("listen", "protocol", "forward")
 
 # Keys shadowsocks-libev knows that relay does not act on: accepted, so a libev file works as is.
 _LIBEV_IGNORED = frozenset(
@@ -51,7 +53,8 @@ _LIBEV_IGNORED = frozenset(
 _KNOWN = frozenset(
     "server server_port local_address local_port password key method timeout mode plugin "
     "plugin_opts tunnel_address allow_private protocol forward handler connect_timeout "
-    "handshake_timeout plugins udp_timeout udp_max_associations workers".split()
+    "handshake_timeout plugins udp_timeout udp_max_associations workers auth locals forward_address "
+    "forward_port".split()
 )
 
 # Pre-AEAD methods: recognised only to say why they are refused.
@@ -91,6 +94,8 @@ class Config:
     udp_max_associations: int = DEFAULT_UDP_MAX_ASSOCIATIONS
     workers: int = 1
     """Processes sharing the listening port (SO_REUSEPORT); 1 serves in this process."""
+    auth: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Username -> password a local's clients must present (SOCKS5 RFC 1929, HTTP Basic)."""
     plugins: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     file: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -121,6 +126,38 @@ def load_file(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
     return data
+
+
+def build_configs(
+    role: Role,
+    file: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    *,
+    ciphers: Mapping[str, Cipher],
+    handlers: Mapping[str, HandlerSpec],
+    options: argparse.Namespace | None = None,
+) -> list[Config]:
+    """The relays a command starts: one, or for a local whose file has ``"locals"`` (as
+    shadowsocks-rust's config has), one per entry. An entry's keys (local_address, local_port,
+    protocol, forward, mode, auth...) win over the file's top level, which they share: server,
+    method, password and the rest; flags win over both, except the per-front-end ones."""
+    file = dict(file or {})
+    entries = file.pop("locals", None)
+    if role != "local" or entries is None:
+        return [build_config(role, file, flags, ciphers=ciphers, handlers=handlers, options=options)]
+    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise ConfigError('"locals" must be a non-empty list of objects, one per front-end')
+    clashing = [f"--{name}" for name in _PER_LOCAL_FLAGS if (flags or {}).get(name) is not None]
+    if clashing:
+        raise ConfigError(f'{", ".join(clashing)} cannot apply to a config with "locals": set them in each entry')
+    shared = {key: value for key, value in file.items() if key not in ("local_address", "local_port")}
+    configs = []
+    for index, entry in enumerate(entries):
+        try:
+            configs.append(build_config(role, {**shared, **entry}, flags, ciphers=ciphers, handlers=handlers, options=options))
+        except ConfigError as e:
+            raise ConfigError(f'"locals"[{index}]: {e}') from None
+    return configs
 
 
 def build_config(
@@ -161,6 +198,8 @@ def build_config(
     forward = pick("forward") or file.get("tunnel_address")
     if forward is not None:
         forward = _address(forward, "forward")
+    elif "forward_address" in file:  # shadowsocks-rust's spelling
+        forward = Address(str(file["forward_address"]), _port(file.get("forward_port"), "forward_port"))
     if handler.name == "tunnel" and forward is None:
         raise ConfigError('tunnel protocol needs a target: give --forward HOST:PORT or "forward" in the config file')
 
@@ -199,6 +238,11 @@ def build_config(
     if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError('"plugins" must be a list of module names')
 
+    auth = _auth(pick("auth", {}))
+    if role == "local" and not auth:
+        for address in listen:
+            if not _is_loopback(address.host):
+                warnings.append(f"listening on {address} without authentication: anyone who reaches it can use this relay as an open proxy (set \"auth\")")
     workers = _count(pick("workers", 1), "workers")
     if workers > 1 and any(address.port == 0 for address in listen):
         raise ConfigError('"workers" needs a fixed port to share: give --listen HOST:PORT with a port other than 0')
@@ -222,6 +266,7 @@ def build_config(
         udp_timeout=_seconds(pick("udp_timeout", DEFAULT_UDP_TIMEOUT), "udp_timeout"),
         udp_max_associations=_count(pick("udp_max_associations", DEFAULT_UDP_MAX_ASSOCIATIONS), "udp_max_associations"),
         workers=workers,
+        auth=auth,
         plugins=tuple(plugins),
         warnings=tuple(warnings),
         file=file,
@@ -288,6 +333,27 @@ def _seconds(value: Any, key: str) -> float:
     if isinstance(value, bool) or not 0 < seconds < 10**7:
         raise ConfigError(f'"{key}" must be a positive number of seconds, not {value!r}')
     return seconds
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _auth(value: Any) -> dict[str, str]:
+    """``{"user": "password"}`` from the file, or ``["user:password", ...]`` from ``--auth``."""
+    if isinstance(value, (list, tuple)):
+        pairs = [str(item).partition(":") for item in value]
+        if any(not sep or not user for user, sep, _ in pairs):
+            raise ConfigError('"auth" entries must be USER:PASSWORD')
+        return {user: password for user, _, password in pairs}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError('"auth" must map user names to passwords, like {"alice": "secret"}')
+    return dict(value)
 
 
 def _count(value: Any, key: str) -> int:

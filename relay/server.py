@@ -147,6 +147,7 @@ class RelayHandler(socketserver.BaseRequestHandler):
     Methods for subclasses:
         next_event(protocol)   drive a sans-I/O protocol object until it has an event
         open_upstream(target)  run the target hooks, return the upstream Endpoint
+        close_upstream(up)     close an upstream that will not be relayed after all
         relay(upstream, ...)   hand the client and the upstream to the pump, last thing
 
     ``self.session`` is set before ``setup``; ``self.error`` is what ended the relay abnormally.
@@ -210,6 +211,13 @@ class RelayHandler(socketserver.BaseRequestHandler):
         self.detached = True
         server.detach(request)
         shared_pump().start(client, upstream, timeout=session.config.timeout, on_done=done)
+
+    def close_upstream(self, upstream: Endpoint) -> None:
+        """Close an upstream that ``open_upstream`` gave and that will not be relayed."""
+        if self._unrelayed and upstream in self._unrelayed:
+            self._unrelayed.remove(upstream)
+        self.server.untrack(upstream.sock)
+        upstream.close()
 
     def finish(self) -> None:
         """Close what ``handle`` opened but never relayed (a failed reply, an early error)."""

@@ -27,7 +27,7 @@ def test_libev_local_config_unchanged(pm):
     assert config.server == Address("198.51.100.7", 8388)
     assert config.method == "aes-256-gcm" and config.timeout == 60
     assert config.key == config.cipher.key_from_password("barfoo!")
-    assert config.handler.name == "socks5"
+    assert config.handler.name == "mixed"  # SOCKS5, SOCKS4/4a and HTTP on one port
     assert config.warnings == ()
 
 

@@ -1,0 +1,289 @@
+"""The HTTP proxy front-end: CONNECT tunnels (RFC 9110 section 9.3.6) and plain absolute-URI
+requests (``GET http://host/path``) forwarded with keep-alive.
+
+HTTP/1.1 framing (request and response heads, Content-Length and chunked bodies, HEAD and 1xx/
+204/304 without bodies, keep-alive and pipelining) is h11's: the handler only decides where
+requests go and what headers are hop-by-hop.
+
+* CONNECT host:port: the target is opened, the client gets ``200 Connection established``, and
+  the pump relays the tunnel's bytes as they are.
+* ``METHOD http://host[:port]/path``: the request goes to host:port with an origin-form target,
+  the hop-by-hop headers dropped (RFC 9110 section 7.6.1: Connection and the headers it names,
+  Proxy-Connection, Keep-Alive, TE, Upgrade, Proxy-Authorization), and the response comes back
+  the same way. The connection to a host is kept for the client's next request to that host.
+* Errors: a malformed request 400, a head over the size bound 431, a target that cannot be
+  reached 502, a missing or wrong Basic credential 407; every wait has the handshake or idle
+  timeout, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import h11
+
+from relay import Address, Endpoint, HandlerSpec, ProtocolError, RelayHandler, TargetRefused, hookimpl
+from relay.address import parse_host_port
+from relay.codec import PlainDecoder
+
+HEAD_LIMIT = 64 * 1024
+"""Bytes a request or response head may take: the bound on the header section."""
+
+_HOP_BY_HOP = frozenset(
+    b"connection proxy-connection keep-alive te trailer upgrade proxy-authorization proxy-authenticate".split()
+)
+_SERVER = b"relay"
+
+
+class HttpProxyHandler(RelayHandler):
+    def handle(self) -> None:
+        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
+        self.upstream: _Upstream | None = None
+        try:
+            self._serve_requests()
+        finally:
+            if self.upstream is not None:
+                self.close_upstream(self.upstream.endpoint)
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                event = self._client_event()
+            except h11.RemoteProtocolError as e:
+                self._fail(e.error_status_hint, "bad request", e)
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                return
+            if not isinstance(event, h11.Request):
+                raise ProtocolError(f"unexpected {type(event).__name__} from the client")
+            if not self._authorized(event.headers):
+                return
+            if event.method == b"CONNECT":
+                self._connect(event)
+                return
+            if not self._forward(event):
+                return
+            if self.http.our_state is h11.MUST_CLOSE or self.http.their_state is h11.MUST_CLOSE:
+                return
+            self.http.start_next_cycle()
+            # Between requests a client may keep the connection idle for the idle timeout.
+            self.request.settimeout(self.session.config.timeout)
+
+    # -- the client side
+
+    def _client_event(self) -> h11.Event:
+        while True:
+            event = self.http.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.http.receive_data(self.request.recv(HEAD_LIMIT))
+
+    def _send(self, *events: h11.Event) -> None:
+        self.request.sendall(b"".join(self.http.send(event) or b"" for event in events))
+
+    def _respond(self, status: int, reason: str, text: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """A whole small response; the connection closes after it."""
+        body = (text + "\n").encode()
+        head = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Content-Length", str(len(body)).encode()), (b"Connection", b"close"), *headers]
+        try:
+            self._send(h11.Response(status_code=status, reason=reason.encode(), headers=head), h11.Data(data=body), h11.EndOfMessage())
+        except (h11.LocalProtocolError, OSError):
+            pass  # the client is gone, or is not in a state to be answered
+
+    def _fail(self, status: int, reason: str, error: BaseException) -> None:
+        phrases = {400: "Bad Request", 431: "Request Header Fields Too Large", 502: "Bad Gateway", 403: "Forbidden"}
+        self._respond(status, phrases.get(status, reason), f"relay: {reason}")
+        self.error = _as_relay_error(error)
+
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        users = self.session.config.auth
+        if not users:
+            return True
+        for name, value in headers:
+            if name == b"proxy-authorization":
+                scheme, _, credentials = value.partition(b" ")
+                if scheme.lower() == b"basic" and _check_basic(credentials.strip(), users):
+                    return True
+        self._respond(407, "Proxy Authentication Required", "relay: proxy authentication required", [(b"Proxy-Authenticate", b'Basic realm="relay"')])
+        self.error = ProtocolError("proxy authentication failed")
+        return False
+
+    # -- CONNECT
+
+    def _connect(self, request: h11.Request) -> None:
+        try:
+            target = parse_host_port(request.target.decode("ascii"), what="CONNECT target")
+        except (ValueError, UnicodeDecodeError) as e:
+            self._fail(400, "bad CONNECT target", ProtocolError(str(e)))
+            return
+        try:
+            upstream = self.open_upstream(target)
+        except TargetRefused as e:
+            self._fail(403, "target refused", e)
+            return
+        except OSError as e:
+            self._fail(502, f"cannot reach {target}", e)
+            return
+        self._send(h11.Response(status_code=200, reason=b"Connection established", headers=[]))
+        early, _ = self.http.trailing_data
+        self.relay(upstream, early=bytes(early))
+
+    # -- absolute-URI requests
+
+    def _forward(self, request: h11.Request) -> bool:
+        """Forward one request and its response; False when the client connection must end."""
+        try:
+            target, path = _absolute_target(request.target)
+        except ValueError as e:
+            self._fail(400, str(e), ProtocolError(str(e)))
+            return False
+        try:
+            upstream = self._upstream_for(target)
+        except TargetRefused as e:
+            self._fail(403, "target refused", e)
+            return False
+        except OSError as e:
+            self._fail(502, f"cannot reach {target}", e)
+            return False
+        headers = _end_to_end(request.headers)
+        if self.http.client_is_waiting_for_100_continue:
+            # Answer "100 Continue" here, where the body is read: waiting for the target's would
+            # leave the client waiting for us while we wait for its body.
+            self._send(h11.InformationalResponse(status_code=100, headers=[]))
+            headers = [(name, value) for name, value in headers if name != b"expect"]
+        if not any(name == b"host" for name, _ in headers):
+            headers.insert(0, (b"Host", request.target.split(b"/")[2]))
+        try:
+            upstream.send(h11.Request(method=request.method, target=path, headers=headers))
+            while not isinstance(event := self._client_event(), h11.EndOfMessage):
+                if isinstance(event, h11.Data):
+                    self.session.bytes_up += len(event.data)
+                upstream.send(event)
+            upstream.send(event)
+            return self._relay_response(upstream, request.method == b"HEAD")
+        except (h11.RemoteProtocolError, h11.LocalProtocolError, ProtocolError, OSError) as e:
+            self.upstream = None
+            self.close_upstream(upstream.endpoint)
+            if self.http.our_state in (h11.SEND_RESPONSE, h11.IDLE):
+                self._fail(502, f"no answer from {target}", e)
+            else:
+                self.error = _as_relay_error(e)
+            return False
+
+    def _relay_response(self, upstream: _Upstream, head_request: bool) -> bool:
+        while True:
+            event = upstream.next_event()
+            if isinstance(event, h11.InformationalResponse):
+                self._send(h11.InformationalResponse(status_code=event.status_code, headers=_end_to_end(event.headers), reason=event.reason))
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                raise ProtocolError("the target closed before answering")
+            break
+        assert isinstance(event, h11.Response)
+        self._send(h11.Response(status_code=event.status_code, headers=_end_to_end(event.headers), reason=event.reason))
+        while not isinstance(event := upstream.next_event(), h11.EndOfMessage):
+            if isinstance(event, h11.ConnectionClosed):
+                break  # a body delimited by the close
+            self._send(event)
+        self._send(h11.EndOfMessage())
+        self.session.bytes_down += upstream.received
+        if not upstream.reusable():
+            self.upstream = None
+            self.close_upstream(upstream.endpoint)
+        return True
+
+    def _upstream_for(self, target: Address) -> _Upstream:
+        if self.upstream is not None and self.upstream.target == target:
+            self.upstream.http.start_next_cycle()
+            return self.upstream
+        if self.upstream is not None:
+            self.close_upstream(self.upstream.endpoint)
+            self.upstream = None
+        self.upstream = _Upstream(target, self.open_upstream(target), self.session.config.timeout)
+        return self.upstream
+
+
+class _Upstream:
+    """An HTTP client connection to one target over an Endpoint (plain, or a Shadowsocks tunnel)."""
+
+    def __init__(self, target: Address, endpoint: Endpoint, timeout: float) -> None:
+        self.target = target
+        self.endpoint = endpoint
+        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=HEAD_LIMIT)
+        self.decoder = endpoint.decoder or PlainDecoder()
+        self.received = 0
+        endpoint.sock.settimeout(timeout)
+
+    def send(self, event: h11.Event) -> None:
+        data = self.http.send(event) or b""
+        if self.endpoint.first_flight is not None:
+            data, self.endpoint.first_flight = self.endpoint.first_flight + data, None
+        if data:
+            encoder = self.endpoint.encoder
+            self.endpoint.sock.sendall(encoder.encode(data) if encoder is not None else data)
+
+    def next_event(self) -> h11.Event:
+        while True:
+            event = self.http.next_event()
+            if event is not h11.NEED_DATA:
+                if isinstance(event, h11.Data):
+                    self.received += len(event.data)
+                return event
+            n = self.endpoint.sock.recv_into(self.decoder.recv_buffer())
+            if not n:
+                self.decoder.eof()
+                self.http.receive_data(b"")  # h11's EOF
+            elif plaintext := self.decoder.received(n):  # empty while a chunk is incomplete: not EOF
+                self.http.receive_data(bytes(plaintext))
+
+    def reusable(self) -> bool:
+        return self.http.our_state is h11.DONE and self.http.their_state is h11.DONE
+
+
+def _absolute_target(target: bytes) -> tuple[Address, bytes]:
+    try:
+        url = urlsplit(target.decode("ascii"))
+    except UnicodeDecodeError:
+        raise ValueError("request target is not ASCII") from None
+    if url.scheme != "http" or not url.hostname:
+        raise ValueError("a proxy request needs an absolute http:// URI (use CONNECT for https)")
+    try:
+        port = url.port or 80
+    except ValueError:
+        raise ValueError("bad port in the request URI") from None
+    path = url.path or "/"
+    if url.query:
+        path += "?" + url.query
+    return Address(url.hostname, port), path.encode("ascii")
+
+
+def _end_to_end(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The headers without the hop-by-hop ones, including those the Connection header names."""
+    headers = list(headers)
+    named = {token.strip().lower() for name, value in headers if name == b"connection" for token in value.split(b",")}
+    return [(name, value) for name, value in headers if name not in _HOP_BY_HOP and name not in named]
+
+
+def _as_relay_error(error: BaseException) -> BaseException:
+    """h11's errors are protocol errors: one log line, no traceback."""
+    if isinstance(error, h11.ProtocolError):
+        return ProtocolError(str(error))
+    return error
+
+
+def _check_basic(credentials: bytes, users: dict[str, str]) -> bool:
+    try:
+        user, _, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    expected = users.get(user)
+    return expected is not None and hmac.compare_digest(expected.encode(), password.encode())
+
+
+@hookimpl
+def relay_register_handlers() -> list[HandlerSpec]:
+    return [HandlerSpec("http", HttpProxyHandler, "HTTP proxy: CONNECT, and http:// requests with keep-alive")]
