@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -16,10 +17,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .address import Address
 from .config import DEFAULT_METHOD, Config, build_config, build_configs, load_file
 from .errors import ConfigError
 from .plugin_manager import RelayPluginManager, get_plugin_manager
 from .runner import Runner
+from .sip008 import load_server_list, pick_server
 from .ssurl import format_ss_url
 from .workers import run_workers
 
@@ -49,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"relay: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # `relay url | head`: the reader left; say nothing more (Python's documented recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def build_parser(pm: RelayPluginManager) -> argparse.ArgumentParser:
@@ -63,6 +72,9 @@ def build_parser(pm: RelayPluginManager) -> argparse.ArgumentParser:
     local = _command(commands, "local", "run a local relay: SOCKS5 (or a tunnel) in front of a remote", _run_local)
     _config_options(local, listen_default="127.0.0.1:1080")
     local.add_argument("-s", "--server", metavar="HOST:PORT", help="the remote relay")
+    local.add_argument("--server-url", metavar="SS_URL", help="the remote as an ss:// URL (SIP002): server, method and password in one")
+    local.add_argument("--server-list", metavar="FILE_OR_URL", help="a SIP008 server list (JSON file, or an http(s):// URL); the first server, or --server-name")
+    local.add_argument("--server-name", metavar="NAME", help="which server of --server-list, by id or remarks")
     _cipher_options(local)
     local.add_argument("--protocol", metavar="NAME", help="front-end: mixed (default: SOCKS5, SOCKS4/4a and HTTP on one port), socks5, socks4, http or tunnel")
     local.add_argument("--auth", action="append", metavar="USER:PASSWORD", help="require this user (SOCKS5 username/password, HTTP Basic); repeatable")
@@ -83,6 +95,17 @@ def build_parser(pm: RelayPluginManager) -> argparse.ArgumentParser:
     demo.add_argument("-l", "--listen", metavar="HOST:PORT", default=None, help="SOCKS5 address (default 127.0.0.1:1080, or any free port)")
     demo.add_argument("-m", "--method", default=DEFAULT_METHOD, help=f"cipher (default {DEFAULT_METHOD})")
     _common(demo)
+
+    url = _command(commands, "url", "print the ss:// URL (and a QR code) of a remote, for clients", _run_url)
+    url.add_argument("-c", "--config", metavar="FILE", help="the remote's shadowsocks-libev JSON config")
+    url.add_argument("--host", metavar="HOST", help="the address clients reach the remote at (default: the config's server, unless it is a wildcard)")
+    url.add_argument("-p", "--port", type=int, help="the port clients reach it at (default: the config's)")
+    _cipher_options(url)
+    url.add_argument("--tag", default=None, help="a name for the server in clients (the URL's #fragment)")
+    url.add_argument("--no-qr", action="store_true", help="print only the URL")
+    url.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=argparse.SUPPRESS)
+    url.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    url.add_argument("-q", "--quiet", action="count", default=0, help=argparse.SUPPRESS)
 
     plugins = _command(commands, "plugins", "list the loaded plugins, their hooks, handlers and ciphers", _run_plugins)
     plugins.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module")
@@ -155,6 +178,16 @@ def _config(role: str, args: argparse.Namespace, pm: RelayPluginManager, file: d
 
 def _run_local(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:
     flags = _flags(args)
+    flags["server_url"] = args.server_url
+    source = args.server_list or file.get("server_list")
+    if source is not None:
+        if not isinstance(source, str):
+            raise ConfigError('"server_list" must be a file path or an http(s):// URL')
+        if args.server_url or file.get("server_url"):
+            raise ConfigError("give either a server URL or a server list, not both")
+        spec = pick_server(load_server_list(source), args.server_name or file.get("server_name"))
+        log.info("server %s from the list %s", spec.tag or spec.id or spec.server, source.split("?")[0])
+        flags["server_url"] = spec.to_url()
     return _serve(pm, build_configs("local", file, flags, ciphers=pm.ciphers(), handlers=pm.handlers(), options=args))
 
 
@@ -195,6 +228,28 @@ def _run_demo(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, 
             flush=True,
         )
         _wait_for_signal()
+    return 0
+
+
+def _run_url(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:
+    flags = {"method": args.method, "password": args.password, "key": args.key, "listen": None}
+    remote = build_config("remote", file, flags, ciphers=pm.ciphers(), handlers=pm.handlers(), options=args)
+    if remote.password is None:
+        raise ConfigError("an ss:// URL carries the password: the config gives only a key")
+    listen = remote.listen[0]
+    host = args.host or ("" if listen.host in ("0.0.0.0", "::", "") else listen.host)
+    if not host:
+        raise ConfigError(f"the remote listens on {listen.host}, which clients cannot dial: give --host with its public address")
+    server = Address(host, args.port or listen.port)
+    url = format_ss_url(remote.method or "", remote.password, server, args.tag)
+    print(url)
+    if not args.no_qr:
+        try:
+            import segno  # noqa: PLC0415 - optional: pip install 'relay-proxy[qr]'
+        except ImportError:
+            print("(for a QR code in the terminal: pip install 'relay-proxy[qr]')", file=sys.stderr)
+        else:
+            segno.make(url, error="m").terminal(compact=True)
     return 0
 
 

@@ -27,6 +27,7 @@ from .address import Address, parse_host_port, parse_port
 from .codec import Cipher
 from .errors import ConfigError
 from .hookspecs import HandlerSpec
+from .ssurl import parse_ss_url
 
 __all__ = ["Config", "Role", "build_config", "build_configs", "load_file", "DEFAULT_METHOD"]
 
@@ -54,7 +55,7 @@ _KNOWN = frozenset(
     "server server_port local_address local_port password key method timeout mode plugin "
     "plugin_opts tunnel_address allow_private protocol forward handler connect_timeout "
     "handshake_timeout plugins udp_timeout udp_max_associations workers auth locals forward_address "
-    "forward_port".split()
+    "forward_port server_url server_list server_name".split()
 )
 
 # Pre-AEAD methods: recognised only to say why they are refused.
@@ -178,6 +179,8 @@ def build_config(
     file = dict(file or {})
     flags = {k: v for k, v in (flags or {}).items() if v is not None and v != []}
     warnings = _check_keys(file)
+    if role == "local":
+        file = _with_server_url(file, flags)
 
     def pick(key: str, default: Any = None) -> Any:
         return flags.get(key, file.get(key, default))
@@ -272,6 +275,23 @@ def build_config(
         file=file,
         options=options or argparse.Namespace(),
     )
+
+
+def _with_server_url(file: dict[str, Any], flags: Mapping[str, Any]) -> dict[str, Any]:
+    """A local's server given as an ss:// URL (--server-url, "server_url"; a SIP008 list's pick
+    arrives here as one too): its host, port, method and password stand in for the file's keys,
+    and flags still win over them."""
+    url = flags.get("server_url", file.get("server_url"))
+    if url is None:
+        return file
+    if not isinstance(url, str):
+        raise ConfigError('"server_url" must be an ss:// URL string')
+    spec = parse_ss_url(url)
+    if spec.plugin:
+        raise ConfigError(f"the server's URL asks for the SIP003 plugin {spec.plugin!r}, which relay does not support")
+    if "server" in flags:
+        raise ConfigError("give the server either as --server or as an ss:// URL, not both")
+    return {**file, "server": spec.server.host, "server_port": spec.server.port, "method": spec.method, "password": spec.password}
 
 
 def _check_keys(file: Mapping[str, Any]) -> list[str]:

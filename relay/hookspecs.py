@@ -19,14 +19,15 @@ encoder and decoder, an upstream's socket), which the pump calls directly.
 
 from __future__ import annotations
 
-import argparse
-import socketserver
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
+    import argparse
+    import socketserver
+
     from .address import Address
     from .codec import Cipher
     from .config import Config
