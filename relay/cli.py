@@ -34,7 +34,7 @@ EXIT_USAGE = 2
 
 # Flags that map onto config keys; everything else is the CLI's own.
 _CONFIG_FLAGS = (
-    "listen server method password key timeout connect_timeout protocol forward handler allow_private mode udp_timeout workers auth".split()
+    "listen server method password key timeout connect_timeout protocol forward handler allow_private mode udp_timeout workers auth allow_open".split()
 )
 
 
@@ -77,6 +77,7 @@ def build_parser(pm: RelayPluginManager) -> argparse.ArgumentParser:
     local.add_argument("--server-name", metavar="NAME", help="which server of --server-list, by id or remarks")
     _cipher_options(local)
     local.add_argument("--protocol", metavar="NAME", help="front-end: mixed (default: SOCKS5, SOCKS4/4a and HTTP on one port), socks5, socks4, http or tunnel")
+    local.add_argument("--allow-open", action="store_true", default=None, help="allow listening on a non-loopback address without --auth (an open proxy)")
     local.add_argument("--auth", action="append", metavar="USER:PASSWORD", help="require this user (SOCKS5 username/password, HTTP Basic); repeatable")
     local.add_argument("-L", "--forward", metavar="HOST:PORT", help="tunnel target, as seen from the remote (ss-tunnel's -L)")
 

@@ -27,6 +27,7 @@ from .address import Address, parse_host_port, parse_port
 from .codec import Cipher
 from .errors import ConfigError
 from .hookspecs import HandlerSpec
+from .policy import EgressPolicy
 from .ssurl import parse_ss_url
 
 __all__ = ["Config", "Role", "build_config", "build_configs", "load_file", "DEFAULT_METHOD"]
@@ -55,7 +56,7 @@ _KNOWN = frozenset(
     "server server_port local_address local_port password key method timeout mode plugin "
     "plugin_opts tunnel_address allow_private protocol forward handler connect_timeout "
     "handshake_timeout plugins udp_timeout udp_max_associations workers auth locals forward_address "
-    "forward_port server_url server_list server_name".split()
+    "forward_port server_url server_list server_name egress allow_open one_time_auth".split()
 )
 
 # Pre-AEAD methods: recognised only to say why they are refused.
@@ -95,6 +96,9 @@ class Config:
     udp_max_associations: int = DEFAULT_UDP_MAX_ASSOCIATIONS
     workers: int = 1
     """Processes sharing the listening port (SO_REUSEPORT); 1 serves in this process."""
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
+    """What a remote (or a direct proxy) may dial: the private-address policy and the ACL."""
+    allow_open: bool = False
     auth: Mapping[str, str] = field(default_factory=dict, repr=False)
     """Username -> password a local's clients must present (SOCKS5 RFC 1929, HTTP Basic)."""
     plugins: tuple[str, ...] = ()
@@ -241,11 +245,22 @@ def build_config(
     if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError('"plugins" must be a list of module names')
 
+    if pick("one_time_auth") or pick("auth") is True:
+        raise ConfigError("one-time auth (OTA) is insecure and was dropped from Shadowsocks: relay refuses it; use an AEAD method without it")
     auth = _auth(pick("auth", {}))
+    allow_open = _bool(pick("allow_open", False), "allow_open")
     if role == "local" and not auth:
         for address in listen:
-            if not _is_loopback(address.host):
-                warnings.append(f"listening on {address} without authentication: anyone who reaches it can use this relay as an open proxy (set \"auth\")")
+            if _is_loopback(address.host):
+                continue
+            if not allow_open:
+                raise ConfigError(
+                    f"refusing to listen on {address} without authentication: anyone who reaches it could use it as an "
+                    'open proxy; set "auth" (--auth USER:PASSWORD), or pass --allow-open'
+                )
+            warnings.append(f"listening on {address} without authentication: an open proxy (--allow-open)")
+    allow_private = _bool(pick("allow_private", False), "allow_private")
+    egress = EgressPolicy.from_config(allow_private, pick("egress"))
     workers = _count(pick("workers", 1), "workers")
     if workers > 1 and any(address.port == 0 for address in listen):
         raise ConfigError('"workers" needs a fixed port to share: give --listen HOST:PORT with a port other than 0')
@@ -264,7 +279,9 @@ def build_config(
         timeout=_seconds(pick("timeout", DEFAULT_TIMEOUT), "timeout"),
         connect_timeout=_seconds(pick("connect_timeout", DEFAULT_CONNECT_TIMEOUT), "connect_timeout"),
         handshake_timeout=_seconds(pick("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT), "handshake_timeout"),
-        allow_private=_bool(pick("allow_private", False), "allow_private"),
+        allow_private=allow_private,
+        egress=egress,
+        allow_open=allow_open,
         mode=mode,
         udp_timeout=_seconds(pick("udp_timeout", DEFAULT_UDP_TIMEOUT), "udp_timeout"),
         udp_max_associations=_count(pick("udp_max_associations", DEFAULT_UDP_MAX_ASSOCIATIONS), "udp_max_associations"),

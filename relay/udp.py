@@ -34,6 +34,7 @@ from .address import Address
 from .associations import AssociationTable
 from .config import Config
 from .errors import ProtocolError, RelayError, TargetRefused
+from .policy import EgressPolicy
 from .server import ListeningAddress
 from .session import Session
 
@@ -106,8 +107,8 @@ class DirectDatagramUpstream:
 
     on_answer = None
 
-    def __init__(self, check: Callable[[str], str | None] | None) -> None:
-        self._check = check
+    def __init__(self, egress: EgressPolicy) -> None:
+        self._egress = egress
         self._cache: dict[Address, tuple[tuple, float]] = {}
         try:
             self.sock = udp_socket(socket.AF_INET6)
@@ -134,9 +135,10 @@ class DirectDatagramUpstream:
         if cached is not None and cached[1] > now:
             return cached[0]
         refused = []
+        check = self._egress.for_target(target.host)
         for family, _, _, _, sockaddr in socket.getaddrinfo(target.host, target.port, type=socket.SOCK_DGRAM):
             ip = str(sockaddr[0])
-            reason = self._check(ip) if self._check else None
+            reason = check(ip)
             if reason:
                 refused.append(f"{ip} ({reason})")
                 continue

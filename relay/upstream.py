@@ -10,7 +10,6 @@ from .address import Address
 from .endpoint import Endpoint
 from .hookspecs import hookimpl
 from .net import connect_tcp
-from .policy import forbidden_reason
 from .server import start_terminal_handler
 from .session import Session
 from .udp import DatagramUpstream, DirectDatagramUpstream, HandlerDatagramUpstream
@@ -25,8 +24,7 @@ def relay_open_upstream(session: Session, target: Address) -> Endpoint:
     config = session.config
     if config.upstream_handler is not None:
         return start_terminal_handler(session, config.upstream_handler.handler)
-    check = None if config.allow_private else forbidden_reason
-    return Endpoint(connect_tcp(target, config.connect_timeout, check))
+    return Endpoint(connect_tcp(target, config.connect_timeout, config.egress.for_target(target.host)))
 
 
 @hookimpl(trylast=True)
@@ -36,4 +34,4 @@ def relay_open_datagram_upstream(session: Session) -> DatagramUpstream:
     config = session.config
     if config.upstream_handler is not None and config.upstream_handler.datagram_handler is not None:
         return HandlerDatagramUpstream(session, config.upstream_handler.datagram_handler)
-    return DirectDatagramUpstream(None if config.allow_private else forbidden_reason)
+    return DirectDatagramUpstream(config.egress)

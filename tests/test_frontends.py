@@ -186,11 +186,18 @@ def test_several_front_ends_from_one_config(tmp_path: Path, pm):
         assert log.count("listening on") == 3, log
 
 
-def test_open_proxy_warning(pm):
-    config = make_config("local", pm, server="127.0.0.1:1", password="p", listen="0.0.0.0:0")
+def test_a_local_refuses_to_be_an_open_proxy(pm):
+    """Non-loopback without auth: refused (one line) unless --allow-open, which still warns."""
+    from relay import ConfigError
+
+    with pytest.raises(ConfigError, match="--allow-open"):
+        make_config("local", pm, server="127.0.0.1:1", password="p", listen="0.0.0.0:0")
+    config = make_config("local", pm, server="127.0.0.1:1", password="p", listen="0.0.0.0:0", allow_open=True)
     assert any("open proxy" in warning for warning in config.warnings)
     assert not make_config("local", pm, server="127.0.0.1:1", password="p", listen="0.0.0.0:0", auth=["u:p"]).warnings
     assert not make_config("local", pm, server="127.0.0.1:1", password="p").warnings
+    result = subprocess.run([*relay_command(), "local", "--listen", "0.0.0.0:0", "--server", "127.0.0.1:1", "--password", "p"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "--allow-open" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_socks4a_and_socks4_with_curl(pm):

@@ -354,3 +354,13 @@ def test_a_slow_reader_holds_back_the_sender(pm, pair):
             assert stalled < 20 * 1024 * 1024, "the pump buffered instead of holding back"
             sock.settimeout(10)
             assert len(recv_until_eof(sock)) == 400 * 65536
+
+
+def test_egress_acl_at_the_remote(pm, echo_target):
+    """The ACL opens loopback for this test (allow 127.0.0.0/8) and closes a name (deny localhost)."""
+    remote = {"allow_private": False, "egress": {"allow": ["127.0.0.0/8"], "deny": ["localhost"]}}
+    with relay_pair(pm, remote=remote) as (local, _):
+        with socks5_connect(local.address, echo_target) as sock:
+            assert exchange(sock, b"allowed by the ACL") == b"allowed by the ACL"
+        with socks5_connect(local.address, Address("localhost", echo_target.port)) as sock:
+            assert exchange(sock, b"denied") == b""
