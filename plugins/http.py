@@ -43,6 +43,7 @@ class HttpProxyHandler(RelayHandler):
     def handle(self) -> None:
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
         self.upstream: _Upstream | None = None
+        self._served = False  # a request was answered: later heads are not the handshake
         try:
             self._serve_requests()
         finally:
@@ -67,11 +68,10 @@ class HttpProxyHandler(RelayHandler):
                 return
             if not self._forward(event):
                 return
+            self._served = True
             if self.http.our_state is h11.MUST_CLOSE or self.http.their_state is h11.MUST_CLOSE:
                 return
             self.http.start_next_cycle()
-            # Between requests a client may keep the connection idle for the idle timeout.
-            self.request.settimeout(self.session.config.timeout)
 
     # -- the client side
 
@@ -79,8 +79,14 @@ class HttpProxyHandler(RelayHandler):
         while True:
             event = self.http.next_event()
             if event is not h11.NEED_DATA:
+                if isinstance(event, h11.Request):
+                    # The first head is the handshake; bodies and later requests get the idle timeout.
+                    self.request.settimeout(self.session.config.timeout)
                 return event
-            self.http.receive_data(self.request.recv(HEAD_LIMIT))
+            if self.http.their_state is h11.IDLE and self.session.bytes_up == 0 and not self._served:
+                self.http.receive_data(self.recv_handshake(HEAD_LIMIT))
+            else:
+                self.http.receive_data(self.request.recv(HEAD_LIMIT))
 
     def _send(self, *events: h11.Event) -> None:
         self.request.sendall(b"".join(self.http.send(event) or b"" for event in events))

@@ -270,7 +270,21 @@ def _run_plugins(args: argparse.Namespace, pm: RelayPluginManager, file: dict[st
     return 0
 
 
+def _raise_descriptor_limit() -> None:
+    """Every session holds two sockets: take the hard limit on open files, not the soft 1024."""
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ImportError, ValueError, OSError):
+        pass  # keep what we have: accept() backs off when it runs out
+
+
 def _serve(pm: RelayPluginManager, configs: list[Config]) -> int:
+    _raise_descriptor_limit()
     workers = max(config.workers for config in configs)
     if workers > 1:
         return run_workers(workers, lambda: _serve_here(pm, configs))

@@ -38,6 +38,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 DEFAULT_UDP_TIMEOUT = 300.0  # RFC 4787's minimum for a NAT's UDP mapping
 DEFAULT_UDP_MAX_ASSOCIATIONS = 1024
+DEFAULT_MAX_SESSIONS = 8192
+DEFAULT_MAX_SESSIONS_PER_CLIENT = 1024
 MODES = ("tcp_only", "tcp_and_udp", "udp_only")
 
 # Role -> default listen address and default handler (the session's front-end).
@@ -56,7 +58,8 @@ _KNOWN = frozenset(
     "server server_port local_address local_port password key method timeout mode plugin "
     "plugin_opts tunnel_address allow_private protocol forward handler connect_timeout "
     "handshake_timeout plugins udp_timeout udp_max_associations workers auth locals forward_address "
-    "forward_port server_url server_list server_name egress allow_open one_time_auth".split()
+    "forward_port server_url server_list server_name egress allow_open one_time_auth max_sessions "
+    "max_sessions_per_client".split()
 )
 
 # Pre-AEAD methods: recognised only to say why they are refused.
@@ -96,6 +99,10 @@ class Config:
     udp_max_associations: int = DEFAULT_UDP_MAX_ASSOCIATIONS
     workers: int = 1
     """Processes sharing the listening port (SO_REUSEPORT); 1 serves in this process."""
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    """Concurrent TCP sessions a relay accepts; beyond it a connection is closed at once."""
+    max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
+    """The same, per client IP address."""
     egress: EgressPolicy = field(default_factory=EgressPolicy)
     """What a remote (or a direct proxy) may dial: the private-address policy and the ACL."""
     allow_open: bool = False
@@ -287,6 +294,8 @@ def build_config(
         udp_max_associations=_count(pick("udp_max_associations", DEFAULT_UDP_MAX_ASSOCIATIONS), "udp_max_associations"),
         workers=workers,
         auth=auth,
+        max_sessions=_count(pick("max_sessions", DEFAULT_MAX_SESSIONS), "max_sessions"),
+        max_sessions_per_client=_count(pick("max_sessions_per_client", DEFAULT_MAX_SESSIONS_PER_CLIENT), "max_sessions_per_client"),
         plugins=tuple(plugins),
         warnings=tuple(warnings),
         file=file,

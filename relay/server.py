@@ -12,10 +12,13 @@ log line says how the session ended.
 
 from __future__ import annotations
 
+import collections
+import errno
 import logging
 import socket
 import socketserver
 import threading
+import time
 from typing import Any
 
 from .address import Address
@@ -33,6 +36,23 @@ __all__ = ["ListeningAddress", "RelayServer", "RelayHandler", "run_handler", "st
 log = logging.getLogger("relay")
 
 BACKLOG = 1024
+ACCEPT_BACKOFF = 0.1  # seconds the accept loop sleeps when the process is out of descriptors
+_ACCEPT_BACKOFF = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+class _RateLimit:
+    """At most one log line per ``interval`` for a flood of the same event."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = 0.0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.interval
+        return True
 
 
 class ListeningAddress:
@@ -88,7 +108,36 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
         self._live: set[socket.socket] = set()
         self._detached: set[socket.socket] = set()
         self._live_lock = threading.Lock()
+        self._sessions = 0
+        self._per_client: collections.Counter[str] = collections.Counter()
+        self._refusal_log = _RateLimit(1.0)
+        self.stats: collections.Counter[str] = collections.Counter()
         super().__init__(self._resolve(address), config.handler.handler)
+
+    def verify_request(self, request: socket.socket, client_address: Any) -> bool:
+        """socketserver's admission hook: refuse (close at once) beyond the session caps."""
+        host = client_address[0]
+        with self._live_lock:
+            if self._sessions >= self.config.max_sessions:
+                reason = f"{self._sessions} sessions are open (max_sessions)"
+            elif self._per_client[host] >= self.config.max_sessions_per_client:
+                reason = f"{host} has {self._per_client[host]} sessions open (max_sessions_per_client)"
+            else:
+                self._sessions += 1
+                self._per_client[host] += 1
+                return True
+        self.stats["refused"] += 1
+        if self._refusal_log.allow():
+            log.warning("refusing a connection from %s: %s", _format_peer(client_address), reason)
+        return False
+
+    def session_ended(self, client_address: Any) -> None:
+        host = client_address[0]
+        with self._live_lock:
+            self._sessions -= 1
+            self._per_client[host] -= 1
+            if not self._per_client[host]:
+                del self._per_client[host]
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         """ThreadingMixIn's, with a reused thread instead of a new one per connection."""
@@ -96,7 +145,17 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
 
     def get_request(self) -> tuple[socket.socket, Any]:
         # socket.accept() without its wrapper, which converts family and type to enums per call.
-        fd, client_address = self.socket._accept()  # type: ignore[attr-defined]
+        try:
+            fd, client_address = self.socket._accept()  # type: ignore[attr-defined]
+        except OSError as e:
+            if e.errno in _ACCEPT_BACKOFF:
+                # Out of descriptors or memory: the connection stays queued and the socket stays
+                # readable, so socketserver would retry at once, forever, at 100% CPU. Wait instead.
+                self.stats["accept backoff"] += 1
+                if self._refusal_log.allow():
+                    log.warning("cannot accept: %s; backing off %.1f s", (e.strerror or str(e)).lower(), ACCEPT_BACKOFF)
+                time.sleep(ACCEPT_BACKOFF)
+            raise
         conn = socket.socket(self.address_family, socket.SOCK_STREAM, 0, fd)
         tune(conn)
         return conn, client_address
@@ -165,7 +224,16 @@ class RelayHandler(socketserver.BaseRequestHandler):
             event = protocol.next_event()
             if event is not NEED_DATA:
                 return event
-            protocol.receive_data(self.request.recv(4096))
+            protocol.receive_data(self.recv_handshake(4096))
+
+    def recv_handshake(self, size: int) -> bytes:
+        """recv for the handshake: one deadline from accept (handshake_timeout) for all of it, so
+        a client trickling a byte at a time cannot hold the session open longer."""
+        left = self.session.started + self.session.config.handshake_timeout - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("handshake timeout")
+        self.request.settimeout(left)
+        return self.request.recv(size)
 
     def open_upstream(self, target: Address) -> Endpoint:
         session = self.session
@@ -243,7 +311,7 @@ def run_handler(
     config = server.config
     owner = session is None
     if session is None:
-        session = Session(config=config, client=Address(*client_address[:2]), server=server)
+        session = Session(config=config, client=Address(*client_address[:2]), server=server, client_address=client_address)
     error: BaseException | None = None
     is_front_end = issubclass(handler_class, RelayHandler)
     server.track(request)
@@ -275,6 +343,7 @@ def end_session(server: RelayServer, session: Session, request: socket.socket, e
     relay_session_finished, in a pool thread when a plugin implements it: a slow hook must not
     hold up the thread it was called from (the pump's, after a relayed session)."""
     server.untrack(request)
+    server.session_ended(session.client_address)
     shutdown_quietly(request, socket.SHUT_WR)
     close_quietly(request)
     _log_end(session, error)

@@ -34,6 +34,8 @@ class Session:
     bytes_down: int = 0
     """Payload bytes from the target back to the client."""
     data: dict[str, Any] = field(default_factory=dict)
+    client_address: Any = field(default=None, repr=False)
+    """The peer address as the socket gave it (socketserver's ``client_address``)."""
 
     @property
     def role(self) -> str:

@@ -27,7 +27,7 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, idle_timeout: float = 30.0, name: str = "relay-worker") -> None:
+    def __init__(self, idle_timeout: float = 10.0, name: str = "relay-worker") -> None:
         self.idle_timeout = idle_timeout
         self.name = name
         self._lock = threading.Lock()
