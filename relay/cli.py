@@ -97,6 +97,13 @@ def build_parser(pm: RelayPluginManager) -> argparse.ArgumentParser:
     demo.add_argument("-m", "--method", default=DEFAULT_METHOD, help=f"cipher (default {DEFAULT_METHOD})")
     _common(demo)
 
+    check = _command(commands, "check", "check a config file without starting anything; one line per problem", _run_check)
+    check.add_argument("-c", "--config", metavar="FILE", required=True, help="the JSON config to check")
+    check.add_argument("--role", choices=("local", "remote"), help="what the config is for (default: local if it has local_port, local_address or locals)")
+    check.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="also load this plugin module")
+    check.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    check.add_argument("-q", "--quiet", action="count", default=0, help=argparse.SUPPRESS)
+
     url = _command(commands, "url", "print the ss:// URL (and a QR code) of a remote, for clients", _run_url)
     url.add_argument("-c", "--config", metavar="FILE", help="the remote's shadowsocks-libev JSON config")
     url.add_argument("--host", metavar="HOST", help="the address clients reach the remote at (default: the config's server, unless it is a wildcard)")
@@ -230,6 +237,49 @@ def _run_demo(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, 
         )
         _wait_for_signal()
     return 0
+
+
+def _run_check(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:
+    problems, notes = check_config(file, args.role, pm)
+    for note in notes:
+        print(note)
+    for problem in problems:
+        print(f"relay: error: {problem}", file=sys.stderr)
+    return EXIT_USAGE if problems else 0
+
+
+def check_config(file: dict[str, Any], role: str | None, pm: RelayPluginManager) -> tuple[list[str], list[str]]:
+    """Every problem of a config file (one line each), and what it would start."""
+    role = role or ("local" if {"local_port", "local_address", "locals"} & set(file) else "remote")
+    ciphers, handlers = pm.ciphers(), pm.handlers()
+    entries = file.get("locals") if role == "local" and isinstance(file.get("locals"), list) else None
+    problems: list[str] = []
+    configs: list[Config] = []
+    for index, entry in enumerate(entries if entries is not None else [None]):
+        part = file if entry is None else {**{k: v for k, v in file.items() if k not in ("locals", "local_address", "local_port")}, **entry}
+        try:
+            configs.append(build_config(role, part, {}, ciphers=ciphers, handlers=handlers))
+        except ConfigError as e:
+            problems.append(f'"locals"[{index}]: {e}' if entry is not None else str(e))
+    # Two front-ends on one port, or a local in front of itself.
+    seen: dict[tuple[str, int, str], int] = {}
+    for index, config in enumerate(configs):
+        kinds = [kind for kind, on in (("tcp", config.tcp), ("udp", config.udp)) if on]
+        for address in config.listen:
+            for kind in kinds:
+                key = (address.host, address.port, kind)
+                if address.port and key in seen:
+                    problems.append(f"front-ends {seen[key]} and {index} both listen on {address} ({kind})")
+                seen.setdefault(key, index)
+            if config.server is not None and config.server.port == address.port and config.server.host in (address.host, "127.0.0.1", "localhost", "::1"):
+                problems.append(f"the local on {address} would relay to itself: server is {config.server}")
+    warnings = sorted({warning for config in configs for warning in config.warnings})
+    notes = [f"warning: {warning}" for warning in warnings]
+    if not problems:
+        for config in configs:
+            where = ", ".join(str(a) for a in config.listen)
+            notes.append(f"ok: {config.role} ({config.handler.name}, {config.method or 'no cipher'}, {config.mode}) on {where}")
+    return problems, notes
 
 
 def _run_url(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:

@@ -208,3 +208,33 @@ def test_workers_share_the_port_and_stop_together():
 def test_workers_need_a_fixed_port():
     result = run("serve", "--workers", "2", "--listen", "127.0.0.1:0")
     assert result.returncode == 2 and "fixed port" in result.stderr
+
+
+def test_check_reports_every_problem_one_line_each(tmp_path: Path):
+    config = {
+        "server": "1.2.3.4", "server_port": 8388, "password": "x", "method": "aes-256-gcm",
+        "locals": [
+            {"local_address": "127.0.0.1", "local_port": 1080},
+            {"local_address": "127.0.0.1", "local_port": 1080, "protocol": "http"},
+            {"local_address": "0.0.0.0", "local_port": 1081},
+            {"local_address": "127.0.0.1", "local_port": 1082, "protocol": "tunnel"},
+        ],
+    }
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(config))
+    result = run("check", "-c", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("relay: error: ") for line in lines)
+    assert any("open proxy" in line for line in lines) and any("forward" in line for line in lines) and any("both listen on 127.0.0.1:1080" in line for line in lines)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"server": "0.0.0.0", "server_port": 8388, "password": "x", "method": "rc4-md5"}))
+    result = run("check", "-c", str(good))
+    assert result.returncode == 2 and "insecure" in result.stderr
+    good.write_text(json.dumps({"server": "0.0.0.0", "server_port": 8388, "password": "x", "method": "aes-128-gcm", "mode": "tcp_and_udp"}))
+    result = run("check", "-c", str(good))
+    assert result.returncode == 0 and result.stdout.startswith("ok: remote (shadowsocks, aes-128-gcm, tcp_and_udp)")
+    loop = tmp_path / "loop.json"
+    loop.write_text(json.dumps({"server": "127.0.0.1", "server_port": 1080, "local_port": 1080, "password": "x"}))
+    result = run("check", "-c", str(loop))
+    assert result.returncode == 2 and "itself" in result.stderr
