@@ -10,6 +10,11 @@ The JSON keys are shadowsocks-libev's, accepted unchanged::
 and relay's own: allow_private, protocol, forward (or libev's tunnel_address), handler,
 connect_timeout, handshake_timeout, udp_timeout, udp_max_associations, plugins. A flag given on the command line wins over the file. Every problem
 raises ConfigError with a one-line message naming the key.
+
+A remote's replay filter (relay.replay): replay_capacity, the salts each of its two generations
+holds (default 1,000,000; 2 x 4/3 x 8 = 21.3 bytes of memory per salt of capacity for TCP, as
+much again for UDP when UDP is on), and replay_window, the seconds a salt is remembered at
+least while fewer than replay_capacity others arrive (default 86400).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from .codec import Cipher
 from .errors import ConfigError
 from .hookspecs import HandlerSpec
 from .policy import EgressPolicy
+from .replay import DEFAULT_CAPACITY as DEFAULT_REPLAY_CAPACITY
+from .replay import DEFAULT_WINDOW as DEFAULT_REPLAY_WINDOW
+from .replay import MAX_CAPACITY as MAX_REPLAY_CAPACITY
 from .ssurl import parse_ss_url
 
 __all__ = ["Config", "Role", "build_config", "build_configs", "load_file", "DEFAULT_METHOD"]
@@ -55,6 +63,7 @@ _LIBEV_IGNORED = frozenset(
     "verbose disable_sni".split()
 )
 _KNOWN = frozenset(
+    "replay_capacity replay_window "
     "server server_port local_address local_port password key method timeout mode plugin "
     "plugin_opts tunnel_address allow_private protocol forward handler connect_timeout "
     "handshake_timeout plugins udp_timeout udp_max_associations workers auth locals forward_address "
@@ -97,6 +106,10 @@ class Config:
     mode: str = "tcp_only"
     udp_timeout: float = DEFAULT_UDP_TIMEOUT
     udp_max_associations: int = DEFAULT_UDP_MAX_ASSOCIATIONS
+    replay_capacity: int = DEFAULT_REPLAY_CAPACITY
+    """A remote's replay filter: salts per generation (two generations; see relay.replay)."""
+    replay_window: float = DEFAULT_REPLAY_WINDOW
+    """A remote's replay filter: seconds a salt is remembered at least, capacity allowing."""
     workers: int = 1
     """Processes sharing the listening port (SO_REUSEPORT); 1 serves in this process."""
     max_sessions: int = DEFAULT_MAX_SESSIONS
@@ -292,6 +305,8 @@ def build_config(
         mode=mode,
         udp_timeout=_seconds(pick("udp_timeout", DEFAULT_UDP_TIMEOUT), "udp_timeout"),
         udp_max_associations=_count(pick("udp_max_associations", DEFAULT_UDP_MAX_ASSOCIATIONS), "udp_max_associations"),
+        replay_capacity=_replay_capacity(pick("replay_capacity", DEFAULT_REPLAY_CAPACITY)),
+        replay_window=_seconds(pick("replay_window", DEFAULT_REPLAY_WINDOW), "replay_window"),
         workers=workers,
         auth=auth,
         max_sessions=_count(pick("max_sessions", DEFAULT_MAX_SESSIONS), "max_sessions"),
@@ -406,6 +421,13 @@ def _count(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f'"{key}" must be a whole number of at least 1, not {value!r}')
     return value
+
+
+def _replay_capacity(value: Any) -> int:
+    capacity = _count(value, "replay_capacity")
+    if capacity > MAX_REPLAY_CAPACITY:
+        raise ConfigError(f'"replay_capacity" must be at most {MAX_REPLAY_CAPACITY} salts (21.3 bytes of memory each), not {value!r}')
+    return capacity
 
 
 def _bool(value: Any, key: str) -> bool:

@@ -105,6 +105,7 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
         self.hook = hook
         self.v6only = v6only
         self.udp_server: Any = None  # the RelayUDPServer on the same port, when UDP is on
+        self.data: dict[str, Any] = {}  # free for plugins to keep per-server state in, as on RelayUDPServer
         self._live: set[socket.socket] = set()
         self._detached: set[socket.socket] = set()
         self._live_lock = threading.Lock()
