@@ -2,10 +2,22 @@
 
 * ``relay_register_ciphers``: aes-128-gcm, aes-256-gcm, chacha20-ietf-poly1305.
 * The ``shadowsocks`` handler, what a remote runs on every connection: read the salt and the
-  first chunks, take the target from the plaintext, relay. A connection that fails to
-  authenticate gets no answer at all: the remote reads and discards until the prober gives up or
-  the handshake deadline passes, then closes. Its datagram handler decrypts each packet, forwards
-  the payload to the packet's target, and encrypts the answers with their source address.
+  first chunks, take the target from the plaintext, relay. Its datagram handler decrypts each
+  packet, forwards the payload to the packet's target, and encrypts the answers with their
+  source address.
+* Replay and reflection (relay.replay): once a connection's first chunk authenticates, its salt
+  is checked and recorded in one atomic step; the remote also records the salt of every flight
+  it sends. A first flight whose salt is remembered (replayed, sent twice at once, or one of the
+  remote's own flights sent back) is refused as a probe, with one WARNING line and a count in
+  ``server.data["shadowsocks.replays"]``. Datagrams likewise, per packet: a remembered salt is
+  dropped and counted in the UDP server's ``stats["replay"]``. One filter per remote config,
+  for all its TCP listeners; another for its UDP ones.
+* Probe resistance: whatever fails (authentication, framing, a bad address, a replay, EOF or
+  nothing at all within the deadline), the remote never answers and closes at one deadline,
+  ``handshake_timeout`` seconds after accept (default 30): it reads and discards until then,
+  and when the prober half-closes it keeps the connection until then too, so the prober gets
+  EOF back after the same delay whatever it sent. Only a reset ends it sooner (nobody is left
+  to see the close then).
 * ``relay_open_upstream`` on a local: connect to the remote, and send the target (with the
   client's first data when it comes promptly) as the first encrypted flight.
   ``relay_open_datagram_upstream`` on a local: a UDP socket to the remote, one per association.
@@ -14,17 +26,32 @@
 from __future__ import annotations
 
 import logging
+import select
 import socket
+import threading
 import time
+import weakref
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from relay import Address, Config, ConfigError, Endpoint, HandlerSpec, ProtocolError, RelayHandler, Session, hookimpl
+from relay import (
+    Address,
+    Config,
+    ConfigError,
+    Endpoint,
+    HandlerSpec,
+    ProtocolError,
+    RelayError,
+    RelayHandler,
+    Session,
+    hookimpl,
+)
 from relay.address import decode_address, encode_address
 from relay.aead import Aead2017Cipher
-from relay.codec import DatagramCodec
+from relay.codec import DatagramCodec, StreamDecoder
 from relay.net import connect_tcp
+from relay.replay import SaltFilter
 from relay.udp import MAX_DATAGRAM, DatagramHandler, udp_socket
 
 log = logging.getLogger("relay.shadowsocks")
@@ -36,57 +63,251 @@ CIPHERS = [
 ]
 
 
+class ReplayGuard:
+    """A remote's memory of salts: one SaltFilter for streams and one for datagrams (each made
+    on first use, sized by ``replay_capacity`` and ``replay_window``), shared by every listening
+    socket of one config, so an IPv6 and an IPv4 listener of the same remote refuse each other's
+    replays too. Each ``--workers`` process has its own."""
+
+    def __init__(self, config: Config) -> None:
+        # The sizes, not the config: the guard is the value of a weak dict keyed by the config,
+        # and a reference back to its key would keep both alive forever.
+        self.capacity = config.replay_capacity
+        self.window = config.replay_window
+        self._lock = threading.Lock()
+        self._filters: dict[str, SaltFilter] = {}
+        self._next_datagram_log = 0.0
+        self._unlogged_datagrams = 0
+
+    def filter(self, kind: str) -> SaltFilter:
+        """``"tcp"`` or ``"udp"``."""
+        salts = self._filters.get(kind)
+        if salts is None:
+            with self._lock:
+                salts = self._filters.get(kind)
+                if salts is None:
+                    salts = SaltFilter(
+                        self.capacity,
+                        self.window,
+                        on_rotate=lambda lifetime, full: self._rotated(kind, lifetime, full),
+                    )
+                    self._filters[kind] = salts
+        return salts
+
+    def _rotated(self, kind: str, lifetime: float, full: bool) -> None:
+        window = self.window
+        if full and lifetime < window:
+            log.warning(
+                "replay filter (%s): %d salts in %.0f s, sooner than replay_window (%.0f s): salts are now "
+                "remembered for at least %.0f s; raise replay_capacity to keep them longer",
+                kind,
+                self.capacity,
+                lifetime,
+                window,
+                lifetime,
+            )
+
+    def datagram_replayed(self, client: Any) -> None:
+        """Log replayed datagrams, at most one line a second (a replayed burst is not a log flood)."""
+        now = time.monotonic()
+        with self._lock:
+            self._unlogged_datagrams += 1
+            if now < self._next_datagram_log:
+                return
+            count, self._unlogged_datagrams = self._unlogged_datagrams, 0
+            self._next_datagram_log = now + 1.0
+        log.warning(
+            "datagram from %s dropped: its salt was seen before (a replayed or reflected packet); "
+            "%d such since the last such line",
+            _peer(client),
+            count,
+        )
+
+
+_guards: weakref.WeakKeyDictionary[Config, ReplayGuard] = weakref.WeakKeyDictionary()
+_guards_lock = threading.Lock()
+_count_lock = threading.Lock()
+
+
+def replay_guard(config: Config) -> ReplayGuard:
+    """The ReplayGuard of a remote's config (made on first use; it lives as long as the config)."""
+    guard = _guards.get(config)
+    if guard is None:
+        with _guards_lock:
+            guard = _guards.get(config)
+            if guard is None:
+                guard = _guards[config] = ReplayGuard(config)
+    return guard
+
+
+class _Replayed(ProtocolError):
+    """A first flight whose salt the remote remembers."""
+
+
+# What a refused peer sends is read into this and dropped: every draining session shares it,
+# so a draining session costs its socket and its thread, not a buffer.
+_DISCARD = bytearray(64 * 1024)
+_OWN_SALT_TRIES = 4  # a fresh salt taken for a remembered one: its 64-bit fingerprint matched, ~1e-13 a try
+
+
 class ShadowsocksHandler(RelayHandler):
+    """The remote's front-end: authenticate the first flight, check its salt, relay.
+
+    One deadline, ``session.started + handshake_timeout``, covers the target header and the
+    refusal of anything else alike, so when a refused connection closes says nothing about how
+    many bytes it took to fail (see the module docstring).
+    """
+
     def handle(self) -> None:
         config = self.session.config
         assert config.cipher is not None
-        conn = self.request
-        decryptor = config.cipher.decryptor(config.key)
-        plaintext = bytearray()
-        # One deadline from accept for the header and for draining a failure alike, so when the
-        # connection closes says nothing about how many bytes it took to fail.
         deadline = self.session.started + config.handshake_timeout
         try:
-            while (parsed := decode_address(plaintext)) is None:
-                conn.settimeout(max(deadline - time.monotonic(), 0.001))
-                n = conn.recv_into(decryptor.recv_buffer())
-                if not n:
-                    decryptor.eof()
-                    raise ProtocolError("closed before sending a target")
-                plaintext += decryptor.received(n)
+            decryptor, target, early = self._read_first_flight(deadline)
         except ProtocolError as e:
+            failure, replayed = str(e), isinstance(e, _Replayed)
+        except TimeoutError:
+            self._discard_pending()  # the deadline: close now, with a FIN (nothing left unread)
+            raise
+        else:
+            failure = None
+        if failure is not None:
+            # Outside the except block: the failed decryptor and its buffers are freed before
+            # the connection waits out its deadline.
             self._drain(deadline)
-            raise ProtocolError(f"refused: {e}") from None
-        target, end = parsed
+            # A replay was logged when it was found (one WARNING line): the session's end line is INFO.
+            raise (RelayError if replayed else ProtocolError)(f"refused: {failure}")
         upstream = self.open_upstream(target)
-        encryptor = config.cipher.encryptor(config.key)
-        self.relay(upstream, decoder=decryptor, encoder=encryptor, early=bytes(plaintext[end:]))
+        self.relay(upstream, decoder=decryptor, encoder=self._encryptor(), early=early)
+
+    def _read_first_flight(self, deadline: float) -> tuple[StreamDecoder, Address, bytes]:
+        """Read until the target header is whole; check the salt once the first chunk
+        authenticates. ProtocolError for whatever is not a fresh client flight."""
+        config = self.session.config
+        conn = self.request
+        decryptor = config.cipher.decryptor(config.key)  # type: ignore[union-attr]
+        plaintext = bytearray()
+        salt_checked = False
+        while (parsed := decode_address(plaintext)) is None:
+            conn.settimeout(max(deadline - time.monotonic(), 0.001))
+            n = conn.recv_into(decryptor.recv_buffer())
+            if not n:
+                decryptor.eof()
+                raise ProtocolError("closed before sending a target")
+            data = decryptor.received(n)
+            if data and not salt_checked:
+                # The first chunk, length and payload, has authenticated: only now is the salt
+                # recorded, so a truncated copy sent ahead of the real client cannot block it.
+                salt_checked = True
+                self._check_salt(getattr(decryptor, "salt", None))
+            plaintext += data
+        target, end = parsed
+        return decryptor, target, bytes(plaintext[end:])
+
+    def _check_salt(self, salt: bytes | None) -> None:
+        if salt is None:
+            return  # a cipher without salts: nothing to remember
+        server = self.server
+        if replay_guard(server.config).filter("tcp").add_if_new(salt):
+            return
+        with _count_lock:
+            count = server.data["shadowsocks.replays"] = server.data.get("shadowsocks.replays", 0) + 1
+        log.warning(
+            "%s: first flight refused as a probe: its salt was seen before (a replayed or reflected flight); "
+            "%d on %s so far",
+            self.session,
+            count,
+            server.address,
+        )
+        raise _Replayed("salt seen before (a replayed or reflected flight)")
+
+    def _encryptor(self) -> Any:
+        """The encryptor of the answer, its salt recorded before any of it is sent: that flight
+        sent back at this remote is refused like a replay."""
+        config = self.session.config
+        salts = replay_guard(self.server.config).filter("tcp")
+        for _ in range(_OWN_SALT_TRIES):
+            encryptor = config.cipher.encryptor(config.key)  # type: ignore[union-attr]
+            salt = getattr(encryptor, "salt", None)
+            if salt is None or salts.add_if_new(salt):
+                return encryptor
+        raise RelayError("no fresh salt after several tries: is the random source broken?")
 
     def _drain(self, deadline: float) -> None:
-        """Say nothing to a peer that failed to authenticate: read until it closes or time is up."""
-        buffer = bytearray(16 * 1024)
+        """Say nothing to a refused peer: read and discard until the deadline. After its EOF,
+        wait out the deadline all the same; only a reset (the peer is gone) ends it sooner."""
+        conn = self.request
         try:
             while (left := deadline - time.monotonic()) > 0:
-                self.request.settimeout(left)
-                if not self.request.recv_into(buffer):
+                conn.settimeout(left)
+                if not conn.recv_into(_DISCARD):
+                    _wait_for_reset(conn, deadline)
+                    return
+        except TimeoutError:
+            self._discard_pending()
+        except OSError:
+            return
+
+    def _discard_pending(self) -> None:
+        """Read what has arrived already, without waiting, so that closing sends a FIN: a
+        socket closed with unread bytes sends a reset, which would tell the prober something."""
+        conn = self.request
+        try:
+            conn.setblocking(False)
+            for _ in range(64):
+                if not conn.recv_into(_DISCARD):
                     return
         except OSError:
+            return
+
+
+def _wait_for_reset(conn: socket.socket, deadline: float) -> None:
+    """Sleep until ``deadline`` unless the peer resets: poll for nothing but the errors and
+    hang-ups that poll always reports (the peer's FIN alone reports neither)."""
+    if not hasattr(select, "poll"):
+        time.sleep(max(deadline - time.monotonic(), 0))
+        return
+    poller = select.poll()
+    poller.register(conn, 0)
+    while (left := deadline - time.monotonic()) > 0:
+        if poller.poll(max(1, int(left * 1000 + 0.999))):
             return
 
 
 class ShadowsocksDatagramHandler(DatagramHandler):
     def handle(self) -> None:
         data, sock = self.request
-        codec = _codec(self.server.data, self.server.config)
+        config = self.server.config
+        codec = _codec(self.server.data, config)
         try:
             target, payload = codec.decode(data)
         except ProtocolError:
             self.drop("undecryptable")
             return
+        salt_size = getattr(config.cipher, "salt_size", None)
+        salts = replay_guard(config).filter("udp") if salt_size else None
+        if salts is not None and not salts.add_if_new(bytes(data[:salt_size])):
+            self.drop("replay")
+            replay_guard(config).datagram_replayed(self.client_address)
+            return
         client = self.client_address
-        association = self.association(lambda source, answer: sock.sendto(codec.encode(source, answer), client))
+
+        def reply(source: Address, answer: bytes) -> None:
+            packet = codec.encode(source, answer)
+            if salts is not None:
+                salts.add(packet[:salt_size])  # an answer sent back at this remote is refused like a replay
+            sock.sendto(packet, client)
+
+        association = self.association(reply)
         if association is not None:
             self.forward(association, target, payload)
+
+
+def _peer(address: Any) -> str:
+    try:
+        return str(Address(str(address[0]), int(address[1])))
+    except (TypeError, ValueError, IndexError):
+        return repr(address)
 
 
 def _codec(cache: dict, config: Any) -> DatagramCodec:
@@ -120,8 +341,13 @@ class ShadowsocksDatagramUpstream:
 
 @hookimpl
 def relay_configure(config: Config) -> None:
-    if config.handler.handler is ShadowsocksHandler and config.cipher is None:
-        raise ConfigError("the shadowsocks handler needs a method and a password: run it with `relay remote`")
+    if config.handler.handler is ShadowsocksHandler:
+        if config.cipher is None:
+            raise ConfigError("the shadowsocks handler needs a method and a password: run it with `relay remote`")
+        # The replay filters' memory is taken now, not on the first connection or datagram.
+        for kind in ("tcp", "udp"):
+            if getattr(config, kind):
+                replay_guard(config).filter(kind)
 
 
 @hookimpl
