@@ -61,6 +61,10 @@ class HttpProxyHandler(RelayHandler):
                 return
             if not isinstance(event, h11.Request):
                 raise ProtocolError(f"unexpected {type(event).__name__} from the client")
+            if _head_size(event) > HEAD_LIMIT:
+                # h11 bounds only a head still arriving; a whole one in a single read is measured here.
+                self._fail(431, "request head too large", ProtocolError(f"request head over {HEAD_LIMIT} bytes"))
+                return
             if not self._authorized(event.headers):
                 return
             if event.method == b"CONNECT":
@@ -272,6 +276,12 @@ def _end_to_end(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
     headers = list(headers)
     named = {token.strip().lower() for name, value in headers if name == b"connection" for token in value.split(b",")}
     return [(name, value) for name, value in headers if name not in _HOP_BY_HOP and name not in named]
+
+
+def _head_size(request: h11.Request) -> int:
+    """The bytes of a request head as sent (give or take optional whitespace)."""
+    line = len(request.method) + len(request.target) + 12
+    return line + sum(len(name) + len(value) + 4 for name, value in request.headers) + 2
 
 
 def _as_relay_error(error: BaseException) -> BaseException:

@@ -148,6 +148,10 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer longer than Python converts
+        raise ConfigError(f"config file {path} is not usable JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
     return data
@@ -245,6 +249,7 @@ def build_config(
                 password = str(password)  # shadowsocks-libev takes a JSON number as its digits
             if not isinstance(password, str):
                 raise ConfigError('"password" must be a string')
+            _utf8(password, '"password"')
             key = cipher.key_from_password(password)
         else:
             raise ConfigError('a password is required: give --password or "password" in the config file')
@@ -389,7 +394,7 @@ def _port(value: Any, key: str) -> int:
 def _seconds(value: Any, key: str) -> float:
     try:
         seconds = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f'"{key}" must be a number of seconds, not {value!r}') from None
     if isinstance(value, bool) or not 0 < seconds < 10**7:
         raise ConfigError(f'"{key}" must be a positive number of seconds, not {value!r}')
@@ -411,10 +416,22 @@ def _auth(value: Any) -> dict[str, str]:
         pairs = [str(item).partition(":") for item in value]
         if any(not sep or not user for user, sep, _ in pairs):
             raise ConfigError('"auth" entries must be USER:PASSWORD')
-        return {user: password for user, _, password in pairs}
+        value = {user: password for user, _, password in pairs}
     if not isinstance(value, dict) or not all(isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()):
         raise ConfigError('"auth" must map user names to passwords, like {"alice": "secret"}')
+    for user, password in value.items():
+        _utf8(user, '"auth" user name')
+        _utf8(password, '"auth" password')
     return dict(value)
+
+
+def _utf8(text: str, what: str) -> None:
+    """Text that cannot be UTF-8 encoded (a lone surrogate from a JSON \\ud800) is refused here,
+    not later at every login or key derivation."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what} is not valid Unicode text") from None
 
 
 def _count(value: Any, key: str) -> int:

@@ -66,6 +66,8 @@ def parse_server_list(data: bytes | str, source: str) -> list[ServerSpec]:
         raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise ConfigError(f"{where} is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer longer than Python converts
+        raise ConfigError(f"{where} is not usable JSON: {e}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{where} must hold a JSON object")
     version = document.get("version")
@@ -141,7 +143,7 @@ def _server(entry: Any, where: str) -> ServerSpec:
     except ValueError as e:
         raise ConfigError(f'{where}: "server": {e}') from None
     port = entry["server_port"]
-    if isinstance(port, str) and port.strip().isascii() and port.strip().isdigit():
+    if isinstance(port, str) and port.strip().isascii() and port.strip().isdigit() and len(port.strip()) <= 5:
         port = int(port)  # shadowsocks-libev accepts the port as a string too
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f'{where}: "server_port" must be a number from 1 to 65535, not {port!r}')

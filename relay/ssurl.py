@@ -200,11 +200,11 @@ def _host_port(text: str) -> Address:
         if not sep:
             raise ConfigError(f"ss:// URL: the port is missing after host {text!r}")
         if ":" in host_text:
-            raise ConfigError(f"ss:// URL: an IPv6 host goes in brackets, as [{host_text}]:{port_text}")
+            raise ConfigError(f"ss:// URL: an IPv6 host goes in brackets, as {'[' + host_text + ']:' + port_text!r}")
     if "/" in port_text:
         port_text, _, path = port_text.partition("/")
-        raise ConfigError(f"ss:// URL: unexpected path '/{path}' after the port")
-    if not (port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536):
+        raise ConfigError(f"ss:// URL: unexpected path {'/' + path!r} after the port")
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 and 0 < int(port_text) < 65536):
         raise ConfigError(f"ss:// URL: bad port {port_text!r}: a port is a number from 1 to 65535")
     try:
         host = check_host(_unquote(host_text, "host"))
