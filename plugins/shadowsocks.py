@@ -1,6 +1,11 @@
-"""Shadowsocks AEAD (SIP004): the methods, the remote's front-ends, and the local's upstreams.
+"""Shadowsocks AEAD (SIP004) and its 2022 edition (SIP022): the methods, the remote's front-ends,
+and the local's upstreams.
 
-* ``relay_register_ciphers``: aes-128-gcm, aes-256-gcm, chacha20-ietf-poly1305.
+* ``relay_register_ciphers``: aes-128-gcm, aes-256-gcm, chacha20-ietf-poly1305, and
+  2022-blake3-aes-128-gcm, 2022-blake3-aes-256-gcm, 2022-blake3-chacha20-poly1305 (relay.aead2022;
+  their "password" is a base64 key of exactly the key size). A 2022 cipher frames its own request
+  and response headers, so the handlers ask it for its request decoder and response encoder, and
+  for UDP key associations by the client session id its packets carry.
 * The ``shadowsocks`` handler, what a remote runs on every connection: read the salt and the
   first chunks, take the target from the plaintext, relay. Its datagram handler decrypts each
   packet, forwards the payload to the packet's target, and encrypts the answers with their
@@ -49,6 +54,8 @@ from relay import (
 )
 from relay.address import decode_address, encode_address
 from relay.aead import Aead2017Cipher
+from relay.aead2022 import CIPHERS as CIPHERS_2022
+from relay.aead2022 import ReplayError, SaltStore
 from relay.codec import DatagramCodec, StreamDecoder
 from relay.net import connect_tcp
 from relay.replay import SaltFilter
@@ -60,7 +67,15 @@ CIPHERS = [
     Aead2017Cipher("aes-128-gcm", 16, AESGCM),
     Aead2017Cipher("aes-256-gcm", 32, AESGCM),
     Aead2017Cipher("chacha20-ietf-poly1305", 32, ChaCha20Poly1305),
+    *CIPHERS_2022,
 ]
+
+
+def _headed(cipher: Any) -> bool:
+    """A cipher that frames its own request and response headers (SIP022: types, timestamps,
+    padding, the echoed request salt) provides request_decoder/response_encoder, client_stream
+    and datagram_client/datagram_server; an AEAD-2017 one carries the bare address instead."""
+    return hasattr(cipher, "request_decoder")
 
 
 class ReplayGuard:
@@ -76,6 +91,7 @@ class ReplayGuard:
         self.window = config.replay_window
         self._lock = threading.Lock()
         self._filters: dict[str, SaltFilter] = {}
+        self.salts_2022 = SaltStore()  # SIP022: every salt for 60 s, no false positives
         self._next_datagram_log = 0.0
         self._unlogged_datagrams = 0
 
@@ -178,12 +194,18 @@ class ShadowsocksHandler(RelayHandler):
             # A replay was logged when it was found (one WARNING line): the session's end line is INFO.
             raise (RelayError if replayed else ProtocolError)(f"refused: {failure}")
         upstream = self.open_upstream(target)
-        self.relay(upstream, decoder=decryptor, encoder=self._encryptor(), early=early)
+        if _headed(config.cipher):
+            encoder = config.cipher.response_encoder(config.key, decryptor.request_salt)  # type: ignore[union-attr, attr-defined]
+        else:
+            encoder = self._encryptor()
+        self.relay(upstream, decoder=decryptor, encoder=encoder, early=early)
 
     def _read_first_flight(self, deadline: float) -> tuple[StreamDecoder, Address, bytes]:
         """Read until the target header is whole; check the salt once the first chunk
         authenticates. ProtocolError for whatever is not a fresh client flight."""
         config = self.session.config
+        if _headed(config.cipher):
+            return self._read_request(deadline)
         conn = self.request
         decryptor = config.cipher.decryptor(config.key)  # type: ignore[union-attr]
         plaintext = bytearray()
@@ -204,12 +226,28 @@ class ShadowsocksHandler(RelayHandler):
         target, end = parsed
         return decryptor, target, bytes(plaintext[end:])
 
-    def _check_salt(self, salt: bytes | None) -> None:
-        if salt is None:
-            return  # a cipher without salts: nothing to remember
+    def _read_request(self, deadline: float) -> tuple[StreamDecoder, Address, bytes]:
+        """SIP022: the cipher's decoder checks the request headers (type, timestamp, padding)
+        and records the salt in the 60-second store once they authenticated."""
+        config = self.session.config
+        conn = self.request
+        decoder = config.cipher.request_decoder(config.key, salts=replay_guard(self.server.config).salts_2022)  # type: ignore[union-attr]
+        early = bytearray()
+        try:
+            while decoder.target is None:
+                conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                n = conn.recv_into(decoder.recv_buffer())
+                if not n:
+                    decoder.eof()
+                    raise ProtocolError("closed before sending a target")
+                early += decoder.received(n)
+        except ReplayError as e:
+            self._count_replay()
+            raise _Replayed(str(e)) from None
+        return decoder, decoder.target, bytes(early)
+
+    def _count_replay(self) -> int:
         server = self.server
-        if replay_guard(server.config).filter("tcp").add_if_new(salt):
-            return
         with _count_lock:
             count = server.data["shadowsocks.replays"] = server.data.get("shadowsocks.replays", 0) + 1
         log.warning(
@@ -219,6 +257,15 @@ class ShadowsocksHandler(RelayHandler):
             count,
             server.address,
         )
+        return count
+
+    def _check_salt(self, salt: bytes | None) -> None:
+        if salt is None:
+            return  # a cipher without salts: nothing to remember
+        server = self.server
+        if replay_guard(server.config).filter("tcp").add_if_new(salt):
+            return
+        self._count_replay()
         raise _Replayed("salt seen before (a replayed or reflected flight)")
 
     def _encryptor(self) -> Any:
@@ -278,6 +325,9 @@ class ShadowsocksDatagramHandler(DatagramHandler):
     def handle(self) -> None:
         data, sock = self.request
         config = self.server.config
+        if _headed(config.cipher):
+            self._handle_2022(data, sock)
+            return
         codec = _codec(self.server.data, config)
         try:
             target, payload = codec.decode(data)
@@ -301,6 +351,40 @@ class ShadowsocksDatagramHandler(DatagramHandler):
         association = self.association(reply)
         if association is not None:
             self.forward(association, target, payload)
+
+
+    def _handle_2022(self, data: bytes, sock: socket.socket) -> None:
+        """SIP022 UDP: the packet names its client session; the association follows the session
+        (not the address, which a NAT may change), and answers go where it last spoke from."""
+        sessions = _udp_sessions(self.server)
+        try:
+            session, target, payload = sessions.decode(data, self.client_address)
+        except ReplayError:
+            self.drop("replay")
+            replay_guard(self.server.config).datagram_replayed(self.client_address)
+            return
+        except ProtocolError:
+            self.drop("undecryptable")
+            return
+
+        def reply(source: Address, answer: bytes) -> None:
+            sock.sendto(session.encode(source, answer), session.client_address)
+
+        session_id = session.client_session_id
+        association = self.association(reply, key=session_id, on_close=lambda: sessions.remove(session_id))
+        if association is not None:
+            self.forward(association, target, payload)
+
+
+def _udp_sessions(server: Any) -> Any:
+    """A remote's SIP022 UDP sessions (one table per UDP server; its associations bound it)."""
+    sessions = server.data.get("shadowsocks.udp_sessions")
+    if sessions is None:
+        config = server.config
+        sessions = server.data["shadowsocks.udp_sessions"] = config.cipher.datagram_server(
+            config.key, session_timeout=max(config.udp_timeout, 60.0), max_sessions=config.udp_max_associations + 1
+        )
+    return sessions
 
 
 def _peer(address: Any) -> str:
@@ -351,7 +435,7 @@ def relay_configure(config: Config) -> None:
 
 
 @hookimpl
-def relay_register_ciphers() -> list[Aead2017Cipher]:
+def relay_register_ciphers() -> list[Any]:
     return list(CIPHERS)
 
 
@@ -366,12 +450,12 @@ def relay_open_upstream(session: Session, target: Address) -> Endpoint | None:
     if config.role != "local" or config.server is None or config.cipher is None:
         return None
     sock = connect_tcp(config.server, config.connect_timeout)
-    return Endpoint(
-        sock,
-        decoder=config.cipher.decryptor(config.key),
-        encoder=config.cipher.encryptor(config.key),
-        first_flight=encode_address(target),
-    )
+    if _headed(config.cipher):
+        # The request encoder takes the target from the start of its first input: the first flight.
+        encoder, decoder = config.cipher.client_stream(config.key)  # type: ignore[attr-defined]
+    else:
+        encoder, decoder = config.cipher.encryptor(config.key), config.cipher.decryptor(config.key)
+    return Endpoint(sock, decoder=decoder, encoder=encoder, first_flight=encode_address(target))
 
 
 @hookimpl
@@ -379,4 +463,8 @@ def relay_open_datagram_upstream(session: Session) -> ShadowsocksDatagramUpstrea
     config = session.config
     if config.role != "local" or config.server is None or config.cipher is None:
         return None
-    return ShadowsocksDatagramUpstream(config.server, _codec(session.server.data, config))
+    if _headed(config.cipher):
+        codec = config.cipher.datagram_client(config.key)  # type: ignore[attr-defined]  # one per association
+    else:
+        codec = _codec(session.server.data, config)
+    return ShadowsocksDatagramUpstream(config.server, codec)

@@ -104,6 +104,12 @@ def build_parser(pm: RelayPluginManager) -> argparse.ArgumentParser:
     check.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
     check.add_argument("-q", "--quiet", action="count", default=0, help=argparse.SUPPRESS)
 
+    genkey = _command(commands, "genkey", "print a fresh key (2022 methods) or password for a method", _run_genkey)
+    genkey.add_argument("-m", "--method", default="2022-blake3-aes-256-gcm", help="the method (default 2022-blake3-aes-256-gcm)")
+    genkey.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=argparse.SUPPRESS)
+    genkey.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
+    genkey.add_argument("-q", "--quiet", action="count", default=0, help=argparse.SUPPRESS)
+
     url = _command(commands, "url", "print the ss:// URL (and a QR code) of a remote, for clients", _run_url)
     url.add_argument("-c", "--config", metavar="FILE", help="the remote's shadowsocks-libev JSON config")
     url.add_argument("--host", metavar="HOST", help="the address clients reach the remote at (default: the config's server, unless it is a wildcard)")
@@ -236,6 +242,17 @@ def _run_demo(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, 
             flush=True,
         )
         _wait_for_signal()
+    return 0
+
+
+def _run_genkey(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, Any]) -> int:
+    """A 2022 method takes a base64 key of exactly its size; any other a password (random, here)."""
+    ciphers = pm.ciphers()
+    cipher = ciphers.get(args.method.lower())
+    if cipher is None:
+        raise ConfigError(f"unknown method {args.method!r} (known: {', '.join(sorted(ciphers))})")
+    generate = getattr(cipher, "generate_key", None)
+    print(generate() if generate is not None else secrets.token_urlsafe(24))
     return 0
 
 

@@ -81,6 +81,7 @@ class Association:
     upstream: DatagramUpstream
     reply: Callable[[Address, bytes], None]
     checked: set[Address] = field(default_factory=set)
+    on_close: Callable[[], None] | None = field(default=None, repr=False)
 
 
 def udp_socket(family: int = socket.AF_INET) -> socket.socket:
@@ -209,8 +210,10 @@ class DatagramHandler(socketserver.BaseRequestHandler):
     inline = True
     server: RelayUDPServer
 
-    def association(self, reply: Callable[[Address, bytes], None]) -> Association | None:
-        return self.server.associate(self.client_address, reply)
+    def association(
+        self, reply: Callable[[Address, bytes], None], key: Any = None, on_close: Callable[[], None] | None = None
+    ) -> Association | None:
+        return self.server.associate(self.client_address, reply, key, on_close)
 
     def forward(self, association: Association, target: Address, payload: bytes) -> None:
         self.server.forward(association, target, payload)
@@ -302,9 +305,20 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
 
     # -- associations
 
-    def associate(self, client_address: Any, reply: Callable[[Address, bytes], None]) -> Association | None:
-        """The client's association, opening it (session hooks, upstream hook) on first use."""
-        association = self.associations.get(client_address)
+    def associate(
+        self,
+        client_address: Any,
+        reply: Callable[[Address, bytes], None],
+        key: Any = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> Association | None:
+        """The client's association, opening it (session hooks, upstream hook) on first use.
+
+        Associations are found by ``key``: the client's address unless the protocol names its
+        sessions itself (SIP022's client session id, which survives a NAT rebinding).
+        ``on_close`` runs when the association ends (expired, evicted, closed)."""
+        key = client_address if key is None else key
+        association = self.associations.get(key)
         if association is not None:
             return association
         session = Session(config=self.config, client=Address(_host(client_address), client_address[1]), server=self)
@@ -317,12 +331,12 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             self.drop("association failed", client_address, e)
             self._finish(session, e)
             return None
-        association = Association(client_address, session, upstream, reply)
+        association = Association(key, session, upstream, reply, on_close=on_close)
         upstream.on_answer = lambda source, payload: self._answer(association, source, payload)
         if upstream.sock is not None:
             upstream.sock.setblocking(False)  # drained until EAGAIN; a full send buffer drops, as UDP may
             self._selector.register(upstream.sock, selectors.EVENT_READ, association)
-        for _, evicted in self.associations.add(client_address, association):
+        for _, evicted in self.associations.add(key, association):
             self.stats["evicted"] += 1
             log.info("%s: evicted (the table is full at %d associations)", evicted.session, self.associations.capacity)
             self._close(evicted, None)
@@ -407,6 +421,8 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             except (KeyError, ValueError, OSError):
                 pass
         association.upstream.close()
+        if association.on_close is not None:
+            association.on_close()
         self._finish(association.session, error)
 
     def _finish(self, session: Session, error: BaseException | None) -> None:
