@@ -238,3 +238,15 @@ def test_check_reports_every_problem_one_line_each(tmp_path: Path):
     loop.write_text(json.dumps({"server": "127.0.0.1", "server_port": 1080, "local_port": 1080, "password": "x"}))
     result = run("check", "-c", str(loop))
     assert result.returncode == 2 and "itself" in result.stderr
+
+
+def test_genkey_and_2022_key_errors():
+    import base64
+
+    for method, size in (("2022-blake3-aes-128-gcm", 16), ("2022-blake3-aes-256-gcm", 32), ("2022-blake3-chacha20-poly1305", 32)):
+        result = run("genkey", "-m", method)
+        assert result.returncode == 0 and len(base64.b64decode(result.stdout.strip())) == size
+    result = run("remote", "--method", "2022-blake3-aes-128-gcm", "--password", base64.b64encode(bytes(32)).decode())
+    assert result.returncode == 2 and "16 bytes" in result.stderr and len(result.stderr.splitlines()) == 1
+    result = run("url", "--method", "2022-blake3-aes-128-gcm", "--password", base64.b64encode(bytes(16)).decode(), "--host", "198.51.100.1", "--no-qr")
+    assert result.stdout.strip() == "ss://2022-blake3-aes-128-gcm:AAAAAAAAAAAAAAAAAAAAAA%3D%3D@198.51.100.1:8388"

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 
-PURE = ["errors", "address", "socks5", "socks4", "aead", "codec", "config", "policy", "session", "hookspecs", "ssurl", "associations", "protocol"]
+PURE = ["errors", "address", "socks5", "socks4", "aead", "aead2022", "replay", "codec", "config", "policy", "session", "hookspecs", "ssurl", "associations", "protocol"]
 IO_MODULES = {"socket", "select", "selectors", "socketserver", "urllib.request", "http.client", "subprocess", "asyncio"}
 IO_RELAY = {"net", "pump", "server", "udp", "upstream", "runner", "cli", "plugin_manager", "testing", "sip008", "threads", "workers"}
 
