@@ -402,9 +402,15 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                         answer = association.upstream.receive()
                     except (BlockingIOError, InterruptedError):
                         break
-                    except (ProtocolError, OSError) as e:
+                    except ProtocolError as e:
                         self.drop("bad answer", association.key, e)
                         continue
+                    except OSError as e:
+                        # An ICMP error reported once, or the association closed under us: not
+                        # one drop per remaining batch slot.
+                        if association.upstream.sock is not None and association.upstream.sock.fileno() != -1:
+                            self.drop("answer error", association.key, e)
+                        break
                     if answer is not None:
                         self._answer(association, *answer)
                 self.associations.touch(association.key)

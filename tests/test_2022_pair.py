@@ -28,7 +28,7 @@ def test_tcp_and_udp_round_trips(pm, echo_target, method, size):
             for datagram in (b"x", os.urandom(1400), os.urandom(8000)):
                 client.sendto(datagram, echo_udp)
                 assert client.recvfrom() == (datagram, echo_udp)
-        assert not local.udp_server.stats and not remote.udp_server.stats
+        assert not local.udp_server.stats and not remote.udp_server.stats, (local.udp_server.stats, remote.udp_server.stats)
 
 
 def test_wrong_key_gets_nothing(pm, echo_target):
