@@ -115,7 +115,7 @@ def parse_host_port(text: str, *, default_host: str | None = None, what: str = "
     text = text.strip()
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
+        if not sep or not rest.startswith(":") or not _is_ipv6(host):
             raise ValueError(f"bad {what} {text!r}: expected [IPv6]:PORT")
         port_text = rest[1:]
     elif text.count(":") == 1:
@@ -127,6 +127,14 @@ def parse_host_port(text: str, *, default_host: str | None = None, what: str = "
     if not host:
         raise ValueError(f"bad {what} {text!r}: empty host")
     return Address(host, parse_port(port_text, what=what))
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_port(value: object, *, what: str = "port") -> int:

@@ -979,3 +979,10 @@ def test_config_file_nested_too_deeply(tmp_path):
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ConfigError, match="nested"):
         load_file(str(path))
+
+
+@pytest.mark.parametrize("text", ["[[]:8", "[ ]:1"])
+def test_parse_host_port_brackets_hold_an_address(text):
+    with pytest.raises(ValueError, match=r"expected \[IPv6\]:PORT"):
+        parse_host_port(text)
+
