@@ -1,0 +1,666 @@
+"""Fuzz targets: one per parser of relay, each a function of one input (bytes).
+
+A target returns normally when the parser behaved: it produced a result or raised the project's
+own error (ProtocolError for wire protocols, ConfigError for URLs, server lists and config, the
+documented ValueError for parse_host_port and the HTTP helpers). Anything else escapes: another
+exception from the parser, or an AssertionError when a property fails (the same input split
+differently gave different events, a mutated stream produced plaintext that was never sent).
+
+fuzz/run.py imports this module inside atheris's instrumentation hook, so that relay, its
+plugins and h11 are imported (and instrumented for coverage) from here.
+
+Each target also has seeds (valid messages, from which mutation starts) and a dictionary of
+tokens for libFuzzer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import h11
+from relay_plugins.http import _HOP_BY_HOP, HEAD_LIMIT, HttpProxyHandler, _absolute_target, _check_basic, _end_to_end
+from relay_plugins.shadowsocks import CIPHERS as ALL_CIPHERS
+
+from relay import Address, ConfigError, ProtocolError, Socks5Error
+from relay.address import decode_address, encode_address, parse_host_port
+from relay.aead import MAX_PAYLOAD, NONCE_SIZE, Aead2017Cipher, session_subkey
+from relay.config import build_configs, load_file
+from relay.errors import Socks4Error
+from relay.plugin_manager import get_plugin_manager
+from relay.protocol import NEED_DATA
+from relay.sip008 import parse_server_list
+from relay.socks4 import ReplyCode as Socks4ReplyCode
+from relay.socks4 import Socks4Reply, Socks4Server
+from relay.socks4 import State as Socks4State
+from relay.socks5 import (
+    AuthResult,
+    Credentials,
+    Greeting,
+    Method,
+    MethodSelection,
+    Reply,
+    ReplyCode,
+    Request,
+    Socks5Server,
+    State,
+    parse_datagram,
+)
+from relay.ssurl import format_ss_url, parse_ss_url
+
+
+@dataclass
+class Target:
+    name: str
+    run: Callable[[bytes], None]
+    seeds: list[bytes]
+    tokens: list[bytes] = field(default_factory=list)
+    max_len: int = 4096
+
+
+# -- shared helpers -----------------------------------------------------------------------------
+
+
+def outcome(run: Callable[[], object], *allowed: type[BaseException]) -> tuple:
+    try:
+        return ("ok", run())
+    except allowed as e:
+        return ("error", type(e), str(e))
+
+
+def splits_of(data: bytes, max_bytewise: int = 1024) -> list[list[bytes]]:
+    """The input whole, at random split points chosen from the input itself, and byte by byte."""
+    rng = random.Random(hashlib.sha1(data).digest())
+    whole = [data] if data else []
+    points = sorted({rng.randrange(len(data) + 1) for _ in range(rng.randrange(1, 8))}) if data else []
+    cut = [data[a:b] for a, b in zip([0, *points], [*points, len(data)]) if a < b]
+    ways = [whole, cut]
+    if len(data) <= max_bytewise:
+        ways.append([data[i : i + 1] for i in range(len(data))])
+    return ways
+
+
+def check_target(target: Address) -> None:
+    assert isinstance(target.host, str) and 0 <= target.port <= 65535, target
+    try:
+        encode_address(target)
+    except ProtocolError:
+        pass
+
+
+def assert_one_line(message: str) -> None:
+    """ConfigError messages are one line; the assertion names the message's fixed words only, so
+    that every input hitting the same message counts as one crash."""
+    if "\n" in message:
+        template = re.split(r"['\"\[{(\n]", message)[0].replace(":", "").strip()[:60]
+        raise AssertionError(f"multi-line ConfigError ({template})")
+
+
+def same(results: list[tuple], what: str) -> None:
+    for result in results[1:]:
+        assert result == results[0], f"{what} depends on how the input was split: {results[0]!r} != {result!r}"
+
+
+# Macros the text targets expand before parsing: short dictionary tokens that stand for inputs a
+# mutator would hardly build byte by byte (libFuzzer's dictionary entries are 64 bytes at most).
+MACROS = {
+    b"$9$": b"9" * 5000,  # past Python's 4300-digit limit on int(str)
+    b"$0$": b"1" + b"0" * 400,  # an integer past float range
+    b"$[$": b"[" * 50_000,  # JSON nested past the recursion limit
+    b"$u$": b"\\ud800",  # a JSON escape for a lone surrogate
+}
+
+
+def expand(data: bytes) -> bytes:
+    if b"$" in data:
+        for macro, value in MACROS.items():
+            data = data.replace(macro, value)
+    return data
+
+
+class Reader:
+    """Structured values read off the front of a fuzz input; zeros once it runs out."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            return 0
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def int(self, nbytes: int) -> int:
+        return int.from_bytes(bytes(self.byte() for _ in range(nbytes)), "big")
+
+    def take(self, n: int) -> bytes:
+        out = self.data[self.pos : self.pos + n]
+        self.pos += len(out)
+        return out
+
+    def rest(self) -> bytes:
+        out = self.data[self.pos :]
+        self.pos = len(self.data)
+        return out
+
+
+# -- SOCKS5 (RFC 1928, RFC 1929) and its UDP header ------------------------------------------------
+
+
+def socks5_handshake(chunks: list[bytes], auth: bool) -> tuple:
+    server = Socks5Server()
+    seen: list[object] = []
+    for chunk in chunks:
+        server.receive_data(chunk)
+        while server.state in (State.GREETING, State.AUTHENTICATING, State.REQUEST):
+            try:
+                event = server.next_event()
+            except Socks5Error as e:
+                assert e.reply_code in set(ReplyCode), e.reply_code
+                if server.state is State.REQUEST:
+                    server.send(Reply(ReplyCode(e.reply_code)))
+                raise
+            if event is NEED_DATA:
+                break
+            seen.append(event)
+            if isinstance(event, Greeting):
+                server.send(MethodSelection(Method.USERNAME_PASSWORD if auth else Method.NO_AUTHENTICATION))
+            elif isinstance(event, Credentials):
+                event.username.encode(), event.password.encode()
+                server.send(AuthResult(True))
+            elif isinstance(event, Request):
+                check_target(event.target)
+    return seen, server.state, server.trailing_data if server.state is State.REPLYING else None
+
+
+def fuzz_socks5(data: bytes) -> None:
+    auth, body = bool(data[:1] and data[0] & 1), data[1:]
+    same([outcome(lambda c=chunks: socks5_handshake(c, auth), ProtocolError) for chunks in splits_of(body)], "SOCKS5 handshake")
+
+
+def fuzz_socks5_udp(data: bytes) -> None:
+    result = outcome(lambda: parse_datagram(data), ProtocolError)
+    same([result, outcome(lambda: parse_datagram(memoryview(data)), ProtocolError)], "parse_datagram")
+    if result[0] == "ok":
+        check_target(result[1].address)
+
+
+SOCKS5_REQUESTS = [
+    b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50",
+    b"\x05\x01\x00\x03\x0bexample.com\x01\xbb",
+    b"\x05\x01\x00\x04" + bytes(15) + b"\x01\x00\x16",
+    b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00",
+]
+SOCKS5_SEEDS = [b"\x00\x05\x01\x00" + r + b"early" for r in SOCKS5_REQUESTS] + [
+    b"\x01\x05\x02\x00\x02" + c + r for c in (b"\x01\x05alice\x06s3cret", b"\x01\x01u\x00", b"\x01\x02\xc3\xbc\x00") for r in SOCKS5_REQUESTS
+]
+SOCKS5_UDP_SEEDS = [b"\x00\x00\x00" + encode_address(a) + b"payload" for a in (Address("1.2.3.4", 53), Address("::1", 53), Address("example.com", 443))]
+
+
+# -- SOCKS4 / SOCKS4a ------------------------------------------------------------------------------
+
+
+def socks4_request(chunks: list[bytes]) -> tuple:
+    server = Socks4Server()
+    seen = []
+    for chunk in chunks:
+        server.receive_data(chunk)
+        if server.state is Socks4State.REQUEST:
+            try:
+                event = server.next_event()
+            except Socks4Error as e:
+                assert e.reply_code == Socks4ReplyCode.REJECTED_OR_FAILED, e.reply_code
+                server.send(Socks4Reply(Socks4ReplyCode(e.reply_code)))
+                raise
+            if event is not NEED_DATA:
+                check_target(event.target)
+                event.userid.encode()
+                seen.append(event)
+    return seen, server.state, server.trailing_data if server.state is Socks4State.REPLYING else None
+
+
+def fuzz_socks4(data: bytes) -> None:
+    same([outcome(lambda c=chunks: socks4_request(c), ProtocolError) for chunks in splits_of(data)], "SOCKS4 request")
+
+
+SOCKS4_SEEDS = [
+    b"\x04\x01\x00\x50\x7f\x00\x00\x01alice\x00",
+    b"\x04\x01\x01\xbb\x5d\xb8\xd8\x22\x00early",
+    b"\x04\x01\x01\xbb\x00\x00\x00\x01bob\x00example.com\x00",
+    b"\x04\x02\x10\x92\x0a\x00\x00\x02carol\x00",
+]
+
+
+# -- addresses -------------------------------------------------------------------------------------
+
+
+def fuzz_address(data: bytes) -> None:
+    reader = Reader(data)
+    selector = reader.byte()
+    body = reader.rest()
+    if selector & 0x80:  # parse_host_port on text, lone surrogates included
+        text = expand(body).decode("utf-8", "surrogateescape")
+        for default_host in (None, "0.0.0.0"):
+            result = outcome(lambda d=default_host: parse_host_port(text, default_host=d), ValueError)
+            if result[0] == "ok":
+                address = result[1]
+                assert address.host and 0 <= address.port <= 65535
+                assert parse_host_port(str(address)) == address, (text, address)
+        return
+    offset = selector & 3
+    whole = outcome(lambda: decode_address(body, offset), ProtocolError)
+    same([whole, outcome(lambda: decode_address(memoryview(body), offset), ProtocolError)], "decode_address")
+    ends = range(len(body)) if len(body) <= 300 else random.Random(body).sample(range(len(body)), 50)
+    for end in ends:
+        prefix = outcome(lambda e=end: decode_address(body[:e], offset), ProtocolError)
+        assert prefix in (("ok", None), whole), f"prefix of {end} bytes: {prefix!r}, whole: {whole!r}"
+    if whole[0] == "ok" and whole[1] is not None:
+        check_target(whole[1][0])
+
+
+ADDRESS_SEEDS = [bytes([0]) + encode_address(a) for a in (Address("127.0.0.1", 80), Address("::1", 443), Address("example.com", 8080))] + [
+    b"\x80127.0.0.1:1080",
+    b"\x80[::1]:8388",
+    b"\x80example.com:443",
+    b"\x808080",
+]
+
+
+# -- HTTP: h11 as the front-end drives it, and relay's own parsing of a request -----------------------
+
+USERS = {"alice": "s3cret", "jürgen": "€"}
+
+
+def relay_side(request: h11.Request) -> object:
+    for name, value in request.headers:
+        if name == b"proxy-authorization":
+            scheme, _, credentials = value.partition(b" ")
+            if scheme.lower() == b"basic":
+                assert isinstance(_check_basic(credentials.strip(), USERS), bool)
+    if request.method == b"CONNECT":
+        try:
+            target = parse_host_port(request.target.decode("ascii"), what="CONNECT target")
+        except (ValueError, UnicodeDecodeError):
+            return "400"
+        check_target(target)
+        return target
+    try:
+        target, path = _absolute_target(request.target)
+    except ValueError:
+        return "400"
+    check_target(target)
+    headers = _end_to_end(request.headers)
+    assert not any(name in _HOP_BY_HOP for name, _ in headers)
+    if not any(name == b"host" for name, _ in headers):
+        headers.insert(0, (b"Host", request.target.split(b"/")[2]))
+    try:
+        h11.Connection(h11.CLIENT).send(h11.Request(method=request.method, target=path, headers=headers))
+    except h11.LocalProtocolError:
+        return ("502", target)
+    return (target, path)
+
+
+def http_front_end(chunks: list[bytes], eof: bool) -> list[object]:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
+    pending = [*chunks, b""] if eof else list(chunks)
+    seen: list[object] = []
+    for _ in range(10_000):
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            if not pending:
+                return seen
+            conn.receive_data(pending.pop(0))
+            continue
+        if isinstance(event, h11.Data):
+            if seen and isinstance(seen[-1], bytes):
+                seen[-1] += event.data
+            else:
+                seen.append(bytes(event.data))
+            continue
+        seen.append(event)
+        if isinstance(event, h11.ConnectionClosed):
+            return seen
+        if isinstance(event, h11.Request):
+            seen.append(relay_side(event))
+            if event.method == b"CONNECT":
+                return seen
+        if isinstance(event, h11.EndOfMessage):
+            conn.send(h11.Response(status_code=200, headers=[(b"Content-Length", b"0")]))
+            conn.send(h11.EndOfMessage())
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return seen
+            conn.start_next_cycle()
+    raise AssertionError("h11 produced 10000 events from one input")
+
+
+def http_outcome(chunks: list[bytes], eof: bool) -> tuple:
+    try:
+        return ("ok", http_front_end(chunks, eof))
+    except h11.RemoteProtocolError as e:
+        assert e.error_status_hint in (400, 431, 501, 505), e.error_status_hint
+        return ("error", e.error_status_hint)
+
+
+class FakeClient:
+    """The client socket of an HttpProxyHandler: ``recv`` hands out the given reads, then EOF."""
+
+    def __init__(self, reads: list[bytes]) -> None:
+        self.reads, self.sent = list(reads), bytearray()
+
+    def recv(self, size: int) -> bytes:
+        if not self.reads:
+            return b""
+        if len(self.reads[0]) > size:
+            self.reads[0:1] = [self.reads[0][:size], self.reads[0][size:]]
+        return self.reads.pop(0)
+
+    def sendall(self, data: bytes) -> None:
+        self.sent += data
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+
+def http_handler(reads: list[bytes], auth: bool = True) -> tuple:
+    """The real front-end, every target unreachable: its answer, and the error it ends with
+    (ProtocolError at most: anything else escapes)."""
+    handler = HttpProxyHandler.__new__(HttpProxyHandler)
+    handler.request = client = FakeClient(reads)
+    handler.session = SimpleNamespace(config=SimpleNamespace(auth=dict(USERS) if auth else {}, timeout=5.0, handshake_timeout=30.0), started=time.monotonic(), bytes_up=0, bytes_down=0)
+
+    def unreachable(target: Address) -> None:
+        check_target(target)
+        raise OSError("no network here")
+
+    handler.open_upstream = unreachable
+    try:
+        handler.handle()
+    except ProtocolError as e:
+        return bytes(client.sent), type(e)
+    return bytes(client.sent), type(handler.error) if handler.error is not None else None
+
+
+def head_refusals_alike(result: tuple) -> tuple:
+    """400 and 431 are both right for a head that is malformed and over HEAD_LIMIT: whether the
+    parse error or the size bound is met first depends on where the reads end."""
+    if result == ("error", 431):
+        return ("error", 400)
+    if isinstance(result[0], bytes) and result[0].startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"):
+        return (b"HTTP/1.1 400 Bad Request\r\n" + result[0].partition(b"\r\n")[2], *result[1:])
+    return result
+
+
+def fuzz_http(data: bytes) -> None:
+    eof = bool(data[:1] and data[0] & 1)
+    body = expand(data[1:])
+    ways = splits_of(body, max_bytewise=2048)
+    alike = head_refusals_alike if len(body) > HEAD_LIMIT else (lambda result: result)
+    same([alike(http_outcome(chunks, eof)) for chunks in ways], "h11 events")
+    auth = bool(data[:1] and data[0] & 2)
+    same([alike(http_handler(chunks, auth)) for chunks in ways], "HTTP front-end answer")
+    for credentials in (body[:64], body[-64:]):  # and the Basic check on raw bytes
+        assert isinstance(_check_basic(credentials, USERS), bool)
+
+
+HTTP_SEEDS = [
+    flags + s
+    for flags in (b"\x00", b"\x02")
+    for s in (
+        b"GET http://example.com/path?q=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: x\r\n\r\n",
+        b"POST http://example.com:8080/form HTTP/1.1\r\nHost: example.com:8080\r\nContent-Length: 5\r\n\r\nhello",
+        b"POST http://e/ HTTP/1.1\r\nHost: e\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nProxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n\r\nearly",
+        b"CONNECT [::1]:22 HTTP/1.1\r\nHost: [::1]:22\r\n\r\n",
+        b"GET http://[::1]:8080/ HTTP/1.0\r\n\r\n",
+        b"GET http://a/ HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Foo\r\nX-Foo: 1\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\r\nGET http://a/2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"PUT http://a/ HTTP/1.1\r\nhost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\nProxy-Authorization: basic !!!\r\n\r\nabc",
+        b"GET http://user@a:0/?x HTTP/1.1\nHost: a\n\n",
+    )
+]
+HTTP_TOKENS = [b"HTTP/1.1", b"HTTP/1.0", b"CONNECT", b"GET", b"http://", b"\r\n", b"\r\n\r\n", b"Host: ", b"Content-Length: ", b"Transfer-Encoding: chunked", b"Connection: ", b"close", b"keep-alive", b"Proxy-Authorization: Basic ", b"YWxpY2U6czNjcmV0", b"Expect: 100-continue", b"[::1]", b":65535", b":0"]
+
+
+# -- Shadowsocks AEAD: TCP stream and UDP packets --------------------------------------------------
+
+# The AEAD-2017 methods (SIP004): relay.aead's framing. (The SIP022 ones in the same list have
+# framing of their own, relay.aead2022: not covered here.)
+CIPHERS = [cipher for cipher in ALL_CIPHERS if isinstance(cipher, Aead2017Cipher)]
+KEYS = {cipher.name: bytes(range(1, cipher.key_size + 1)) for cipher in CIPHERS}
+
+
+def seal(cipher, key: bytes, salt: bytes, chunks: list[tuple[int, bytes | None]]) -> bytes:
+    aead = cipher.aead(session_subkey(key, salt))
+    out = bytearray(salt)
+    nonce = 0
+    for length, payload in chunks:
+        out += aead.encrypt(nonce.to_bytes(NONCE_SIZE, "little"), length.to_bytes(2, "big"), None)
+        nonce += 1
+        if payload is not None:
+            out += aead.encrypt(nonce.to_bytes(NONCE_SIZE, "little"), payload, None)
+            nonce += 1
+    return bytes(out)
+
+
+def decrypt_in_pieces(cipher, pieces: list[bytes], capacity: int) -> tuple[bytes, tuple]:
+    decryptor = cipher.decryptor(KEYS[cipher.name], capacity=capacity)
+    plaintext = bytearray()
+
+    def run() -> None:
+        for piece in pieces:
+            plaintext.extend(decryptor.decrypt(piece))
+        decryptor.eof()
+
+    ending = outcome(run, ProtocolError)
+    return bytes(plaintext), ending
+
+
+def build_stream(cipher, reader: Reader, salt: bytes) -> tuple[bytes, bytes]:
+    """A stream described by the input: chunk sizes, and lengths that may lie. (wire, plaintext)"""
+    chunks: list[tuple[int, bytes | None]] = []
+    sent = bytearray()
+    for index in range(reader.byte() % 4 + 1):
+        kind = reader.byte()
+        size = (0, 1, MAX_PAYLOAD - 1, MAX_PAYLOAD, reader.int(2) % (MAX_PAYLOAD + 1))[kind % 5] if kind & 0x80 else reader.byte()
+        payload = bytes([index + 1]) * size
+        lie = reader.byte()
+        if lie < 0xF0:
+            chunks.append((size, payload))
+            sent += payload
+        elif lie < 0xF8:  # authentic length, maybe another size than the payload's
+            length = reader.int(2)
+            chunks.append((length, payload))
+            if length == size:  # no lie after all
+                sent += payload
+            else:
+                break  # nothing after a lying chunk can authenticate, nor count as sent
+        else:  # authentic length chunk alone
+            chunks.append((reader.int(2), None))
+            break
+    return seal(cipher, KEYS[cipher.name], salt, chunks), bytes(sent)
+
+
+def mutate(data: bytes, reader: Reader, other: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(reader.byte() % 5):
+        op, pos = reader.byte() % 6, reader.int(2)
+        if op == 0 and out:
+            out[pos % len(out)] ^= 1 << (reader.byte() % 8)
+        elif op == 1:
+            del out[pos % (len(out) + 1) :]
+        elif op == 2:
+            out[pos % (len(out) + 1) : pos % (len(out) + 1)] = reader.take(reader.byte() % 20)
+        elif op == 3:
+            del out[pos % (len(out) + 1) : pos % (len(out) + 1) + reader.byte()]
+        elif op == 4:  # splice: our head, the other stream's tail
+            out[pos % (len(out) + 1) :] = other[reader.int(2) % (len(other) + 1) :]
+        elif op == 5 and out:  # duplicate a slice
+            start = pos % len(out)
+            out[start:start] = out[start : start + reader.int(2) % 200]
+    return bytes(out)
+
+
+def fuzz_aead_stream(data: bytes) -> None:
+    reader = Reader(data)
+    cipher = CIPHERS[reader.byte() % len(CIPHERS)]
+    mode = reader.byte()
+    sent: dict[bytes, bytes] = {}
+    if mode & 1:  # raw bytes as ciphertext
+        wire = reader.rest()
+    else:  # valid streams from two senders, then mutated
+        salt_a = reader.take(cipher.salt_size).ljust(cipher.salt_size, b"a")
+        salt_b = bytes(b ^ 0xFF for b in salt_a)
+        wire_a, sent[salt_a] = build_stream(cipher, reader, salt_a)
+        wire_b, sent[salt_b] = build_stream(cipher, reader, salt_b)
+        wire = mutate(wire_a, reader, wire_b)
+    genuine = sent.get(wire[: cipher.salt_size], b"")
+    results = [decrypt_in_pieces(cipher, pieces, capacity) for pieces, capacity in zip(splits_of(wire, max_bytewise=1024), (1 << 18, 1, 1 << 18))]
+    whole_text, whole_end = results[0]
+    for text, end in results:
+        assert genuine.startswith(text), "plaintext that was never sent came out"
+        assert end == whole_end, f"ending depends on the split: {whole_end!r} != {end!r}"
+        assert text == whole_text if end[0] == "ok" else text.startswith(whole_text)
+
+
+def aead_stream_seeds() -> list[bytes]:
+    seeds = []
+    for index in range(len(CIPHERS)):
+        seeds.append(bytes([index, 0]) + b"s" * 32 + b"\x02\x05\xf0\x85\x03\xe0\x00\x01\x07\x00")
+        seeds.append(bytes([index, 0]) + b"t" * 32 + b"\x01\x83\x00\xf9\x40\x00\x00\x02\x10\x00\x00\x00")
+        seeds.append(bytes([index, 1]) + bytes(range(80)))
+    return seeds
+
+
+def fuzz_aead_udp(data: bytes) -> None:
+    reader = Reader(data)
+    cipher = CIPHERS[reader.byte() % len(CIPHERS)]
+    key = KEYS[cipher.name]
+    codec = cipher.datagram_codec(key)
+    mode = reader.byte() % 3
+    if mode == 0:
+        packet = reader.rest()
+    else:
+        salt = reader.take(cipher.salt_size).ljust(cipher.salt_size, b"s")
+        plaintext = reader.rest()
+        packet = salt + cipher.aead(session_subkey(key, salt)).encrypt(bytes(NONCE_SIZE), plaintext, None)
+        if mode == 2 and packet:  # then flip one bit chosen by the input
+            position = int.from_bytes(hashlib.sha1(data).digest()[:4], "big") % (len(packet) * 8)
+            flipped = bytearray(packet)
+            flipped[position // 8] ^= 1 << (position % 8)
+            packet = bytes(flipped)
+    result = outcome(lambda: codec.decode(packet), ProtocolError)
+    same([result, outcome(lambda: codec.decode(memoryview(packet)), ProtocolError)], "datagram decode")
+    if result[0] == "ok":
+        address, payload = result[1]
+        check_target(address)
+        assert codec.decode(codec.encode(address, payload)) == (address, payload)
+
+
+AEAD_UDP_SEEDS = [bytes([i, m]) + b"s" * 32 + encode_address(a) + b"payload" for i in range(len(CIPHERS)) for m in (1, 2) for a in (Address("1.2.3.4", 53), Address("example.com", 443))]
+
+
+# -- ss:// URLs, SIP008, config ----------------------------------------------------------------------
+
+SECRET = "Pa55-w0rd-NOT-IN-MESSAGES"
+
+
+def fuzz_ssurl(data: bytes) -> None:
+    text = expand(data).decode("utf-8", "surrogateescape")
+    for url in (text, "ss://" + text):
+        result = outcome(lambda u=url: parse_ss_url(u), ConfigError)
+        if result[0] == "ok":
+            spec = result[1]
+            assert spec.method and spec.password and 0 < spec.server.port < 65536
+        else:
+            assert_one_line(result[2])
+            authority = url.partition("#")[0]  # after '#' is the tag, where an '@' means nothing
+            if SECRET in authority and url.count(SECRET) == 1 and authority.index(SECRET) < authority.rfind("@"):
+                assert SECRET not in result[2], "the password is in the message"
+
+
+SSURL_SEEDS = [
+    s.encode()
+    for s in (
+        format_ss_url("aes-128-gcm", SECRET, Address("192.168.100.1", 8888), "tag"),
+        format_ss_url("chacha20-ietf-poly1305", SECRET, Address("::1", 8388), plugin="obfs-local", plugin_opts="obfs=http", plain=True),
+        format_ss_url("2022-blake3-aes-256-gcm", SECRET, Address("example.com", 443)),
+        "ss://" + base64.b64encode(f"aes-256-gcm:{SECRET}@example.com:8388".encode()).decode() + "#legacy",
+        "ss://YWVzLTEyOC1nY206dGVzdA@192.168.100.1:8888/?plugin=obfs-local%3Bobfs%3Dhttp#Example2",
+    )
+]
+SSURL_TOKENS = [b"ss://", b"@", b"%3D", b"%40", b"?plugin=", b"#", b"[::1]", b":65535", b"/?", b";", b"=="]
+
+
+def fuzz_sip008(data: bytes) -> None:
+    data = expand(data)
+    for document in (data, data.decode("utf-8", "surrogateescape")):
+        result = outcome(lambda d=document: parse_server_list(d, "fuzz.json"), ConfigError)
+        if result[0] == "ok":
+            for spec in result[1]:
+                assert spec.method and spec.password and 0 < spec.server.port < 65536
+        else:
+            assert_one_line(result[2])
+
+
+SERVER = {"id": "27b8a625", "remarks": "one", "server": "example.com", "server_port": 8388, "password": SECRET, "method": "aes-128-gcm", "plugin": "", "plugin_opts": ""}
+SIP008_SEEDS = [
+    json.dumps({"version": 1, "servers": [SERVER]}).encode(),
+    json.dumps({"version": 1, "servers": [SERVER, {**SERVER, "server": "::1", "server_port": "8389", "plugin": "obfs-local"}], "bytes_used": 274877906944}, indent=1).encode(),
+]
+JSON_TOKENS = [b'"version"', b'"servers"', b'"server"', b'"server_port"', b'"password"', b'"method"', b'"plugin"', b'"remarks"', b'"id"', b"null", b"true", b"1e999", b"-0", b'"\\ud800"', b"[", b"{", b'"":']
+
+_PM = get_plugin_manager()
+_CIPHERS, _HANDLERS = _PM.ciphers(), _PM.handlers()
+_CONFIG_FILE = os.path.join(tempfile.gettempdir(), f"relay-fuzz-config-{os.getpid()}.json")
+
+
+def fuzz_config(data: bytes) -> None:
+    """load_file on the bytes as a config file, then build_configs for a local, a remote or serve."""
+    role = ("local", "remote", "serve")[data[0] % 3] if data else "local"
+    with open(_CONFIG_FILE, "wb") as f:
+        f.write(expand(data[1:]))
+    result = outcome(lambda: load_file(_CONFIG_FILE), ConfigError)
+    if result[0] != "ok":
+        assert_one_line(result[2])
+        return
+    result = outcome(lambda: build_configs(role, result[1], ciphers=_CIPHERS, handlers=_HANDLERS), ConfigError)
+    if result[0] == "error":
+        assert_one_line(result[2])
+
+
+CONFIG_SEEDS = [
+    bytes([role]) + json.dumps(file).encode()
+    for role, file in (
+        (0, {"server": "198.51.100.7", "server_port": 8388, "local_address": "127.0.0.1", "local_port": 1080, "password": "barfoo!", "method": "aes-256-gcm", "timeout": 60, "mode": "tcp_and_udp"}),
+        (0, {"server_url": "ss://YWVzLTEyOC1nY206dGVzdA@192.168.100.1:8888", "protocol": "socks5", "auth": {"alice": "pw"}}),
+        (1, {"server": ["::1", "127.0.0.1"], "server_port": "8389", "key": "AAECAwQFBgcICQoLDA0ODw==", "method": "aes-128-gcm", "handler": "echo", "workers": 2}),
+        (0, {"password": "p", "protocol": "tunnel", "forward": "1.2.3.4:53", "server": "h", "server_port": 1, "locals": [{"local_port": 1081}, {"local_port": 1082, "protocol": "http"}]}),
+        (2, {"handler": "uppercase", "timeout": 1.5, "mode": "tcp_and_udp", "plugins": []}),
+    )
+]
+CONFIG_TOKENS = [f'"{key}"'.encode() for key in ("server", "server_port", "local_address", "local_port", "password", "key", "method", "timeout", "mode", "protocol", "forward", "handler", "auth", "locals", "workers", "server_url", "udp_timeout", "udp_max_associations", "allow_private", "plugins", "tunnel_address", "forward_address", "forward_port", "handshake_timeout", "connect_timeout")] + [b'"tcp_and_udp"', b'"udp_only"', b'"aes-128-gcm"', b'"rc4-md5"', b'"tunnel"', b'"http"', b"1e400", b'"\\udfff"']
+
+
+TARGETS = {
+    t.name: t
+    for t in (
+        Target("socks5", fuzz_socks5, SOCKS5_SEEDS, [b"\x05", b"\x01\x05alice", b"\x03\x0bexample.com"]),
+        Target("socks5_udp", fuzz_socks5_udp, SOCKS5_UDP_SEEDS, [b"\x00\x00\x00", b"\x03\xff"]),
+        Target("socks4", fuzz_socks4, SOCKS4_SEEDS, [b"\x04\x01", b"\x00\x00\x00\x01", b"\x00"], max_len=1024),
+        Target("address", fuzz_address, ADDRESS_SEEDS, [b"[::1]", b":65535", b"\x03\xff", b"\x04", *MACROS], max_len=600),
+        Target("http", fuzz_http, HTTP_SEEDS, [*HTTP_TOKENS, *MACROS], max_len=8192),
+        Target("aead_stream", fuzz_aead_stream, aead_stream_seeds(), [], max_len=2048),
+        Target("aead_udp", fuzz_aead_udp, AEAD_UDP_SEEDS, [b"\x01\x7f\x00\x00\x01", b"\x03\x0bexample.com", b"\x04"], max_len=2048),
+        Target("ssurl", fuzz_ssurl, SSURL_SEEDS, [*SSURL_TOKENS, *MACROS], max_len=1024),
+        Target("sip008", fuzz_sip008, SIP008_SEEDS, [*JSON_TOKENS, *MACROS]),
+        Target("config", fuzz_config, CONFIG_SEEDS, [*CONFIG_TOKENS, *MACROS]),
+    )
+}
