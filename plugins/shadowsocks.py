@@ -55,7 +55,7 @@ from relay import (
 from relay.address import decode_address, encode_address
 from relay.aead import Aead2017Cipher
 from relay.aead2022 import CIPHERS as CIPHERS_2022
-from relay.aead2022 import ReplayError, SaltStore
+from relay.aead2022 import PskChain, ReplayError, SaltStore
 from relay.codec import DatagramCodec, StreamDecoder
 from relay.net import connect_tcp
 from relay.replay import SaltFilter
@@ -195,7 +195,10 @@ class ShadowsocksHandler(RelayHandler):
             raise (RelayError if replayed else ProtocolError)(f"refused: {failure}")
         upstream = self.open_upstream(target)
         if _headed(config.cipher):
-            encoder = config.cipher.response_encoder(config.key, decryptor.request_salt)  # type: ignore[union-attr, attr-defined]
+            # The request's own key: a multi-user remote (SIP023) answers with the user's.
+            encoder = config.cipher.response_encoder(decryptor.session_key, decryptor.request_salt)  # type: ignore[union-attr, attr-defined]
+            if decryptor.user is not None:  # type: ignore[attr-defined]
+                log.debug("%s: user %s", self.session, decryptor.user)  # type: ignore[attr-defined]
         else:
             encoder = self._encryptor()
         self.relay(upstream, decoder=decryptor, encoder=encoder, early=early)
@@ -428,6 +431,8 @@ def relay_configure(config: Config) -> None:
     if config.handler.handler is ShadowsocksHandler:
         if config.cipher is None:
             raise ConfigError("the shadowsocks handler needs a method and a password: run it with `relay remote`")
+        if isinstance(config.key, PskChain):
+            raise ConfigError('password: a remote takes one key; for several users on one port, give each their own in "users" (SIP023)')
         # The replay filters' memory is taken now, not on the first connection or datagram.
         for kind in ("tcp", "udp"):
             if getattr(config, kind):

@@ -43,6 +43,15 @@ session) and a packet id (u64be counter from 0) identify it::
     The server routes packets by client session id; every session, both ways, keeps a sliding
     window of packet ids (PacketWindow) and updates it only once a packet has fully validated.
 
+Several users on one port (SIP023, AES methods only): a client's key is the chain iPSK:uPSK
+(PskChain), a server's its iPSK and its users' uPSKs (UserKeys). The user's PSK keys the
+session both ways; the identity header names it by hash::
+
+    psk hash      = BLAKE3(uPSK)[:16]
+    TCP request   | salt | AES(BLAKE3 derive_key("shadowsocks 2022 identity subkey", iPSK || salt), psk hash) | fixed header ... |
+    UDP packet    | AES(iPSK, separate header) | AES(iPSK, psk hash XOR separate header) | body |
+    UDP answer    | AES(uPSK, separate header) | body |
+
 cryptography has no XChaCha20-Poly1305: XChaCha20Poly1305 below builds it from HChaCha20 (one
 ChaCha20 block, less the initial state) and ChaCha20Poly1305, per draft-irtf-cfrg-xchacha-03.
 
@@ -86,6 +95,7 @@ __all__ = [
     "Aead2022Cipher",
     "HeaderType",
     "PacketWindow",
+    "PskChain",
     "ReplayError",
     "RequestDecoder",
     "RequestEncoder",
@@ -95,14 +105,17 @@ __all__ = [
     "UdpClient",
     "UdpServer",
     "UdpServerSession",
+    "UserKeys",
     "XChaCha20Poly1305",
     "decode_psk",
     "generate_psk",
     "hchacha20",
+    "psk_hash",
     "session_subkey",
 ]
 
 SUBKEY_CONTEXT = "shadowsocks 2022 session subkey"
+IDENTITY_CONTEXT = "shadowsocks 2022 identity subkey"  # SIP023
 TAG_SIZE = 16
 NONCE_SIZE = 12
 MAX_PAYLOAD = 0xFFFF
@@ -123,6 +136,7 @@ _CHUNK_OVERHEAD = _LENGTH_CHUNK + TAG_SIZE
 _EMPTY = memoryview(b"")
 _SESSION_ID_SIZE = 8
 _SEPARATE_HEADER = 16
+_IDENTITY_SIZE = 16  # SIP023: one AES block per identity header
 _XNONCE_SIZE = 24
 _UDP_CLIENT_HEADER = 1 + 8 + 2
 _UDP_SERVER_HEADER = 1 + 8 + 8 + 2
@@ -162,6 +176,61 @@ def decode_psk(text: str, key_size: int, method: str = "this method") -> bytes:
     if len(key) != key_size:
         raise ConfigError(f"password: {hint}; this one decodes to {len(key)} bytes")
     return key
+
+
+class PskChain(tuple):
+    """A client's key for a multi-user server (SIP023): ``iPSK, ..., uPSK``, parsed from the
+    password ``iPSK:...:uPSK``. Each identity PSK makes one identity header; the last, the
+    user's own PSK, keys the session both ways."""
+
+    @property
+    def user_psk(self) -> bytes:
+        return self[-1]
+
+
+class UserKeys:
+    """A multi-user server's key (SIP023): its identity PSK and its users' PSKs, which clients
+    name in the identity header by the first 16 bytes of their BLAKE3 hash."""
+
+    def __init__(self, identity_psk: bytes, users: dict[str, bytes]) -> None:
+        self.identity_psk = identity_psk
+        self.by_hash: dict[bytes, tuple[str, bytes]] = {}
+        for name, psk in users.items():
+            digest = psk_hash(psk)
+            if digest in self.by_hash:
+                raise ConfigError(f"users {self.by_hash[digest][0]!r} and {name!r} have the same key: each user needs a key of their own")
+            self.by_hash[digest] = (name, psk)
+
+    def __repr__(self) -> str:
+        return f"UserKeys({len(self.by_hash)} users)"
+
+    def user(self, digest: bytes) -> tuple[str, bytes]:
+        """The (name, PSK) whose hash is ``digest``; ProtocolError for nobody's."""
+        found = self.by_hash.get(bytes(digest))
+        if found is None:
+            raise ProtocolError("identity header names no user of this server (wrong identity PSK, or an unknown user)")
+        return found
+
+
+def psk_hash(psk: bytes) -> bytes:
+    """What an identity header carries for a PSK (SIP023): BLAKE3 hash, first 16 bytes."""
+    return blake3(psk).digest()[:_IDENTITY_SIZE]
+
+
+def _identity_subkey(psk: bytes, salt: bytes) -> bytes:
+    return blake3(psk + salt, derive_key_context=IDENTITY_CONTEXT).digest(len(psk))
+
+
+def _aes_block(key: bytes, block: bytes, *, decrypt: bool = False) -> bytes:
+    ecb = Cipher(algorithms.AES(key), modes.ECB())
+    context = ecb.decryptor() if decrypt else ecb.encryptor()
+    return context.update(block) + context.finalize()
+
+
+def stream_identity_headers(chain: PskChain, salt: bytes) -> bytes:
+    """The identity headers of a request stream, one per identity PSK (SIP023): AES with the
+    identity subkey of (PSK, salt) over the next PSK's hash."""
+    return b"".join(_aes_block(_identity_subkey(psk, salt), psk_hash(after)) for psk, after in zip(chain, chain[1:]))
 
 
 def generate_psk(key_size: int) -> str:
@@ -407,9 +476,11 @@ class RequestEncoder:
         *,
         clock: Clock = time.time,
         padding: Callable[[int], int] = default_padding,
+        identity: bytes = b"",
     ) -> None:
         self.salt = salt
         self.header_sent = False
+        self._identity = identity  # SIP023 identity headers, sent between the salt and the fixed header
         self._sealer = _Sealer(aead, session_subkey(key, salt))
         self._address = encode_address(target) if target is not None else None
         self._clock = clock
@@ -440,14 +511,14 @@ class RequestEncoder:
             raise ValueError(f"padding of {pad} bytes: must be 0..{MAX_PADDING}, and not 0 without initial payload")
         in_header = min(len(data), MAX_PAYLOAD - len(address) - 2 - pad)
         variable_size = len(address) + 2 + pad + in_header
-        salt = self.salt
+        head = self.salt + self._identity
         sealer = self._sealer
         out = sealer.buffer(
-            len(salt) + _FIXED_REQUEST + TAG_SIZE + variable_size + TAG_SIZE + _chunks_size(len(data) - in_header)
+            len(head) + _FIXED_REQUEST + TAG_SIZE + variable_size + TAG_SIZE + _chunks_size(len(data) - in_header)
         )
-        out[: len(salt)] = salt
+        out[: len(head)] = head
         fixed = struct.pack(">BQH", HeaderType.CLIENT, int(self._clock()), variable_size)
-        pos = sealer.seal(out, len(salt), fixed)
+        pos = sealer.seal(out, len(head), fixed)
         variable = bytearray(variable_size)  # padding bytes stay zero: they are encrypted
         variable[: len(address)] = address
         variable[len(address) : len(address) + 2] = pad.to_bytes(2, "big")
@@ -544,6 +615,8 @@ class _ChunkDecoder:
         self._end = 0
         self.salt: bytes | None = None
         """This stream's salt, once its fixed header authenticated."""
+        self.session_key: bytes | None = None
+        """The PSK this stream is keyed with, once its fixed header authenticated."""
 
     def recv_buffer(self) -> memoryview:
         if self._state is _State.FAILED:
@@ -617,9 +690,15 @@ class _ChunkDecoder:
     def _open_session(self, chunk: memoryview, fixed: bytearray) -> None:
         """The first step: the salt gives the session AEAD, which opens the fixed header."""
         salt = bytes(chunk[: self._salt_size])
-        self._open = self._aead_factory(session_subkey(self._key, salt)).decrypt_into
-        self._decrypt(chunk[self._salt_size :], fixed)
+        key, rest = self._session_key(salt, chunk[self._salt_size :])
+        self._open = self._aead_factory(session_subkey(key, salt)).decrypt_into
+        self._decrypt(rest, fixed)
+        self.session_key = key
         self.salt = salt
+
+    def _session_key(self, salt: bytes, rest: memoryview) -> tuple[bytes, memoryview]:
+        """The PSK of this stream, and what follows the salt less any identity headers."""
+        return self._key, rest
 
     def _decrypt(self, chunk: memoryview, into: memoryview | bytearray) -> None:
         self._open(_nonce(self._nonce), chunk, None, into)  # type: ignore[misc]
@@ -646,8 +725,13 @@ class RequestDecoder(_ChunkDecoder):
     header chunk; padding at most 900 bytes; padding or initial payload present; with ``salts``,
     a salt not seen in the last 60 s (ReplayError; recorded once the whole header validated).
 
+    With ``users`` (SIP023), an identity header follows the salt: it names the user whose PSK
+    keys the stream; nobody's is a ProtocolError, like any other failed header.
+
     Attributes, set as the header is read:
         salt / request_salt   the request salt, once the fixed header authenticated
+        session_key           the PSK of the stream (a user's, with ``users``): the response's too
+        user                  the user's name (with ``users``; else None)
         timestamp             the client's Unix time from the fixed header
         target                the Address, once the whole header validated (None until then)
     """
@@ -660,14 +744,26 @@ class RequestDecoder(_ChunkDecoder):
         key: bytes,
         salt_size: int,
         *,
+        users: UserKeys | None = None,
         salts: SaltStore | None = None,
         capacity: int = DEFAULT_BUFFER_SIZE,
         clock: Clock = time.time,
     ) -> None:
-        super().__init__(aead, key, salt_size, _FIXED_REQUEST + TAG_SIZE, capacity, clock)
+        identity = _IDENTITY_SIZE if users is not None else 0
+        super().__init__(aead, key, salt_size, identity + _FIXED_REQUEST + TAG_SIZE, capacity, clock)
+        self._users = users
         self._salts = salts
+        self.user: str | None = None
         self.timestamp: int | None = None
         self.target: Address | None = None
+
+    def _session_key(self, salt: bytes, rest: memoryview) -> tuple[bytes, memoryview]:
+        users = self._users
+        if users is None:
+            return self._key, rest
+        digest = _aes_block(_identity_subkey(users.identity_psk, salt), bytes(rest[:_IDENTITY_SIZE]), decrypt=True)
+        self.user, key = users.user(digest)
+        return key, rest[_IDENTITY_SIZE:]
 
     @property
     def request_salt(self) -> bytes | None:
@@ -802,19 +898,26 @@ class _PacketCrypto:
     def seal(self, session_aead: Any, separate: bytes, body: bytes) -> bytes:
         if self.block:
             sealed = session_aead.encrypt(separate[4:16], body, None)
-            with self._encrypt_lock:
-                return self._ecb_encrypt.update(separate) + sealed
+            return self.seal_block(separate) + sealed
         nonce = os.urandom(_XNONCE_SIZE)
         return nonce + self.xchacha.encrypt(nonce, separate + body, None)
 
-    def open_header(self, packet: bytes | memoryview) -> bytes:
-        """AES methods: the separate header, decrypted (session id || packet id)."""
+    def open_header(self, packet: bytes | memoryview, offset: int = 0) -> bytes:
+        """AES methods: the separate header, decrypted (session id || packet id); or, at
+        ``offset``, any other block under this PSK (a SIP023 identity header)."""
         with self._decrypt_lock:
-            return self._ecb_decrypt.update(bytes(packet[:_SEPARATE_HEADER]))
+            return self._ecb_decrypt.update(bytes(packet[offset : offset + _SEPARATE_HEADER]))
 
-    def open_body(self, session_aead: Any, separate: bytes, packet: bytes | memoryview) -> bytes:
+    def seal_block(self, block: bytes) -> bytes:
+        """AES methods: one block under this PSK (a separate or identity header)."""
+        with self._encrypt_lock:
+            return self._ecb_encrypt.update(block)
+
+    def open_body(
+        self, session_aead: Any, separate: bytes, packet: bytes | memoryview, offset: int = _SEPARATE_HEADER
+    ) -> bytes:
         try:
-            return session_aead.decrypt(separate[4:16], bytes(packet[_SEPARATE_HEADER:]), None)
+            return session_aead.decrypt(separate[4:16], bytes(packet[offset:]), None)
         except InvalidTag:
             raise DecryptError("datagram failed authentication (wrong key, or not a Shadowsocks 2022 peer)") from None
 
@@ -900,6 +1003,10 @@ class UdpClient:
     the current and one previous server session, and refuses a third while the previous one has
     spoken in the last 60 s (ProtocolError), as sing-box does.
 
+    With a PskChain (SIP023, AES methods), packets carry an identity header per identity PSK
+    after the separate header, which the first PSK encrypts; the user's PSK keys the bodies both
+    ways and the server's separate headers.
+
     Attributes: ``session_id`` (8 bytes), ``overhead`` (bytes added to address + payload, padding
     aside).
     """
@@ -907,7 +1014,7 @@ class UdpClient:
     def __init__(
         self,
         cipher: Aead2022Cipher,
-        key: bytes,
+        key: bytes | PskChain,
         *,
         session_id: bytes | None = None,
         clock: Clock = time.time,
@@ -915,9 +1022,15 @@ class UdpClient:
         padding: Callable[[Address, int], int] = default_datagram_padding,
         window_size: int = WINDOW_SIZE,
     ) -> None:
+        self._identities: list[tuple[_PacketCrypto, int]] = []
+        if isinstance(key, PskChain):
+            if not cipher.udp_block_header:
+                raise ValueError(f"{cipher.name} has no identity headers (SIP023 is for the AES methods)")
+            self._identities = [(_PacketCrypto(cipher, psk), int.from_bytes(psk_hash(after), "big")) for psk, after in zip(key, key[1:])]
+            key = key.user_psk
         self._crypto = _PacketCrypto(cipher, key)
         self.session_id = session_id if session_id is not None else _random_session_id()
-        self.overhead = self._crypto.prefix + _UDP_CLIENT_HEADER + TAG_SIZE
+        self.overhead = self._crypto.prefix + _IDENTITY_SIZE * len(self._identities) + _UDP_CLIENT_HEADER + TAG_SIZE
         self._aead = self._crypto.session_aead(self.session_id)
         self._packet_ids = itertools.count()
         self._clock = clock
@@ -931,7 +1044,19 @@ class UdpClient:
         separate = self.session_id + next(self._packet_ids).to_bytes(8, "big")
         pad = self._padding(address, len(payload))
         body = _body(HeaderType.CLIENT, int(self._clock()), b"", pad, address, payload)
+        if self._identities:
+            return self._seal_with_identities(separate, body)
         return self._crypto.seal(self._aead, separate, body)
+
+    def _seal_with_identities(self, separate: bytes, body: bytes) -> bytes:
+        """SIP023: the first PSK encrypts the separate header; each identity PSK encrypts the
+        next PSK's hash XOR the separate header (so that it differs in every packet)."""
+        mask = int.from_bytes(separate, "big")
+        identities = self._identities
+        parts = [identities[0][0].seal_block(separate)]
+        parts += [crypto.seal_block((digest ^ mask).to_bytes(_IDENTITY_SIZE, "big")) for crypto, digest in identities]
+        parts.append(self._aead.encrypt(separate[4:16], body, None))
+        return b"".join(parts)
 
     def _known(self, server_session_id: bytes) -> _ServerSessionState | None:
         for entry in (self._current, self._previous):
@@ -980,12 +1105,22 @@ class UdpServerSession:
 
     Attributes: ``client_session_id``, ``server_session_id`` (random, never the client's),
     ``client_address`` (where the last valid packet came from: send answers there),
-    ``last_seen`` (monotonic time of that packet), ``window`` (the client packet ids seen).
+    ``last_seen`` (monotonic time of that packet), ``window`` (the client packet ids seen),
+    ``user`` (SIP023: the user's name, whose PSK keys the session both ways; else None).
     """
 
-    def __init__(self, server: UdpServer, client_session_id: bytes, client_aead: Any, window_size: int) -> None:
-        crypto = server._crypto
+    def __init__(
+        self,
+        server: UdpServer,
+        client_session_id: bytes,
+        client_aead: Any,
+        window_size: int,
+        crypto: _PacketCrypto | None = None,
+        user: str | None = None,
+    ) -> None:
+        crypto = crypto if crypto is not None else server._crypto
         self._crypto = crypto
+        self.user = user
         self._clock = server._clock
         self.client_session_id = client_session_id
         self.server_session_id = _random_session_id(avoid=client_session_id)
@@ -1024,12 +1159,15 @@ class UdpServer:
     ``max_sessions``: a new session replaces the least recently used one if that one is silent
     for 60 s, else it is refused (ProtocolError) so that no live session is forgotten.
     Thread-safe: packets are decoded one at a time under a lock; ``encode`` may run anywhere.
+
+    With UserKeys (SIP023): the identity PSK opens separate and identity headers; the identity
+    header names the user whose PSK keys the session (its bodies, and its answers' headers).
     """
 
     def __init__(
         self,
         cipher: Aead2022Cipher,
-        key: bytes,
+        key: bytes | UserKeys,
         *,
         session_timeout: float = SESSION_TIMEOUT,
         max_sessions: int = 65536,
@@ -1041,6 +1179,14 @@ class UdpServer:
             raise ValueError(f"session_timeout must be at least {MIN_SESSION_TIMEOUT:g} s (SIP022 3.2.4)")
         if max_sessions < 1:
             raise ValueError("max_sessions must be at least 1")
+        self._users: dict[bytes, tuple[str, _PacketCrypto]] | None = None
+        self._identity = 0
+        if isinstance(key, UserKeys):
+            if not cipher.udp_block_header:
+                raise ValueError(f"{cipher.name} has no identity headers (SIP023 is for the AES methods)")
+            self._users = {digest: (name, _PacketCrypto(cipher, psk)) for digest, (name, psk) in key.by_hash.items()}
+            self._identity = _IDENTITY_SIZE
+            key = key.identity_psk
         self._crypto = _PacketCrypto(cipher, key)
         self.overhead = self._crypto.prefix + _UDP_SERVER_HEADER + TAG_SIZE
         self.session_timeout = session_timeout
@@ -1077,16 +1223,24 @@ class UdpServer:
 
     def decode(self, packet: bytes | memoryview, client_address: Any = None) -> tuple[UdpServerSession, Address, bytes]:
         crypto = self._crypto
-        if len(packet) < crypto.prefix + _UDP_CLIENT_HEADER + TAG_SIZE:
+        identity = self._identity
+        if len(packet) < crypto.prefix + identity + _UDP_CLIENT_HEADER + TAG_SIZE:
             raise ProtocolError(f"datagram of {len(packet)} bytes is too short")
         with self._lock:
+            user = user_crypto = None
             if crypto.block:
                 separate = crypto.open_header(packet)
                 session = self._sessions.get(separate[:8])
-                if session is not None and not session.window.check(int.from_bytes(separate[8:], "big")):
-                    raise ReplayError("client packet id seen before, or behind the window")
-                aead = session._client_aead if session is not None else crypto.session_aead(separate[:8])
-                body = crypto.open_body(aead, separate, packet)
+                if session is not None:
+                    if not session.window.check(int.from_bytes(separate[8:], "big")):
+                        raise ReplayError("client packet id seen before, or behind the window")
+                    aead = session._client_aead  # its user's, whose key the body must authenticate under
+                elif identity:
+                    user, user_crypto = self._user(packet, separate)
+                    aead = user_crypto.session_aead(separate[:8])
+                else:
+                    aead = crypto.session_aead(separate[:8])
+                body = crypto.open_body(aead, separate, packet, _SEPARATE_HEADER + identity)
             else:
                 separate, body = crypto.open_whole(packet)
                 session = self._sessions.get(separate[:8])
@@ -1094,7 +1248,7 @@ class UdpServer:
             target, payload = _parse_body(body, HeaderType.CLIENT, self._clock(), None)
             now = self._monotonic()
             if session is None:
-                session = self._open(separate[:8], aead, now)
+                session = self._open(separate[:8], aead, now, user_crypto, user)
             if not session.window.add(int.from_bytes(separate[8:], "big")):
                 raise ReplayError("client packet id seen before, or behind the window")
             session.client_address = client_address
@@ -1102,14 +1256,27 @@ class UdpServer:
             self._sessions.move_to_end(session.client_session_id)
             return session, target, payload
 
-    def _open(self, client_session_id: bytes, aead: Any, now: float) -> UdpServerSession:
+    def _user(self, packet: bytes | memoryview, separate: bytes) -> tuple[str, _PacketCrypto]:
+        """SIP023: the user the identity header names (the identity PSK decrypts it to the
+        user's PSK hash XOR the separate header)."""
+        assert self._users is not None
+        masked = int.from_bytes(self._crypto.open_header(packet, _SEPARATE_HEADER), "big")
+        digest = (masked ^ int.from_bytes(separate, "big")).to_bytes(_IDENTITY_SIZE, "big")
+        found = self._users.get(digest)
+        if found is None:
+            raise ProtocolError("identity header names no user of this server (wrong identity PSK, or an unknown user)")
+        return found
+
+    def _open(
+        self, client_session_id: bytes, aead: Any, now: float, crypto: _PacketCrypto | None = None, user: str | None = None
+    ) -> UdpServerSession:
         sessions = self._sessions
         if len(sessions) >= self.max_sessions:
             oldest = next(iter(sessions.values()))
             if now - oldest.last_seen < MIN_SESSION_TIMEOUT:
                 raise ProtocolError(f"{len(sessions)} UDP sessions, all active in the last 60 s: no room for another")
             self._evicted.append(sessions.popitem(last=False)[1])
-        session = UdpServerSession(self, client_session_id, aead, self._window_size)
+        session = UdpServerSession(self, client_session_id, aead, self._window_size, crypto, user)
         sessions[client_session_id] = session
         return session
 
@@ -1122,6 +1289,9 @@ class Aead2022Cipher:
 
     UDP uses an AES separate header and AES-GCM bodies when the AEAD is AESGCM, else
     XChaCha20-Poly1305 with the PSK (2022-blake3-chacha20-poly1305).
+
+    Multi-user (SIP023, AES methods): a client's password ``iPSK:uPSK`` gives a PskChain, a
+    server's ``key_for_users(iPSK, users)`` a UserKeys; the factories below take either.
 
     Factories (``key`` is the PSK, from ``key_from_password``):
         request_encoder(key, target=None)        client: what it sends
@@ -1145,51 +1315,80 @@ class Aead2022Cipher:
     def __repr__(self) -> str:
         return f"Aead2022Cipher({self.name!r})"
 
-    def key_from_password(self, password: str) -> bytes:
-        """The PSK of a base64 ``password``; ConfigError naming the size if it is not one."""
-        return decode_psk(password, self.key_size, self.name)
+    def key_from_password(self, password: str) -> bytes | PskChain:
+        """The PSK of a base64 ``password``; ConfigError naming the size if it is not one. A
+        client's ``iPSK:uPSK`` (SIP023) gives the PskChain for a multi-user server."""
+        if ":" not in password:
+            return decode_psk(password, self.key_size, self.name)
+        if not self.udp_block_header:
+            raise ConfigError(f"password: {self.name} has no multi-user identity headers (SIP023 is for the 2022 AES methods): give one key")
+        return PskChain(decode_psk(part, self.key_size, self.name) for part in password.split(":"))
+
+    def key_for_users(self, password: str, users: dict[str, str]) -> UserKeys:
+        """A multi-user server's key (SIP023): ``password`` is its identity PSK, ``users`` maps
+        names to their own PSKs. ConfigError for a method without identity headers or a bad key."""
+        if not self.udp_block_header:
+            raise ConfigError(f'"users": {self.name} has no multi-user identity headers (SIP023 is for the 2022 AES methods)')
+        if ":" in password:
+            raise ConfigError('password: a multi-user server\'s password is its one identity key; the users\' keys go in "users"')
+        keys = {}
+        for name, psk in users.items():
+            if ":" in psk:
+                raise ConfigError(f'"users": user {name!r} has more than one key: give one')
+            keys[name] = decode_psk(psk, self.key_size, f"user {name!r}: {self.name}")
+        return UserKeys(decode_psk(password, self.key_size, self.name), keys)
 
     def generate_key(self) -> str:
         return generate_psk(self.key_size)
 
     def request_encoder(
         self,
-        key: bytes,
+        key: bytes | PskChain,
         target: Address | None = None,
         *,
         salt: bytes | None = None,
         clock: Clock = time.time,
         padding: Callable[[int], int] = default_padding,
     ) -> RequestEncoder:
-        return RequestEncoder(
-            self.aead,
-            key,
-            salt if salt is not None else os.urandom(self.salt_size),
-            target,
-            clock=clock,
-            padding=padding,
-        )
+        salt = salt if salt is not None else os.urandom(self.salt_size)
+        identity = b""
+        if isinstance(key, PskChain):
+            identity, key = stream_identity_headers(key, salt), key.user_psk
+        return RequestEncoder(self.aead, key, salt, target, clock=clock, padding=padding, identity=identity)
 
     def response_decoder(
-        self, key: bytes, request_salt: bytes, *, capacity: int = DEFAULT_BUFFER_SIZE, clock: Clock = time.time
+        self,
+        key: bytes | PskChain,
+        request_salt: bytes,
+        *,
+        capacity: int = DEFAULT_BUFFER_SIZE,
+        clock: Clock = time.time,
     ) -> ResponseDecoder:
+        if isinstance(key, PskChain):
+            key = key.user_psk  # the server answers with the user's key
         return ResponseDecoder(self.aead, key, self.salt_size, request_salt, capacity=capacity, clock=clock)
 
     def client_stream(
-        self, key: bytes, target: Address | None = None, *, clock: Clock = time.time
+        self, key: bytes | PskChain, target: Address | None = None, *, clock: Clock = time.time
     ) -> tuple[RequestEncoder, ResponseDecoder]:
         encoder = self.request_encoder(key, target, clock=clock)
         return encoder, self.response_decoder(key, encoder.salt, clock=clock)
 
     def request_decoder(
         self,
-        key: bytes,
+        key: bytes | UserKeys,
         *,
         salts: SaltStore | None = None,
         capacity: int = DEFAULT_BUFFER_SIZE,
         clock: Clock = time.time,
     ) -> RequestDecoder:
-        return RequestDecoder(self.aead, key, self.salt_size, salts=salts, capacity=capacity, clock=clock)
+        """The answer's key is the decoder's ``session_key`` (a user's, with UserKeys)."""
+        users = None
+        if isinstance(key, UserKeys):
+            users, key = key, key.identity_psk
+        elif isinstance(key, PskChain):
+            raise ValueError("a server's key is one PSK, or UserKeys for several users")
+        return RequestDecoder(self.aead, key, self.salt_size, users=users, salts=salts, capacity=capacity, clock=clock)
 
     def response_encoder(
         self, key: bytes, request_salt: bytes, *, salt: bytes | None = None, clock: Clock = time.time
@@ -1198,12 +1397,12 @@ class Aead2022Cipher:
             self.aead, key, salt if salt is not None else os.urandom(self.salt_size), request_salt, clock=clock
         )
 
-    def datagram_client(self, key: bytes, **options: Any) -> UdpClient:
+    def datagram_client(self, key: bytes | PskChain, **options: Any) -> UdpClient:
         """A new client UDP session: one per association, never shared (it carries the
         session id, the packet counter and the server sessions' windows)."""
         return UdpClient(self, key, **options)
 
-    def datagram_server(self, key: bytes, **options: Any) -> UdpServer:
+    def datagram_server(self, key: bytes | UserKeys, **options: Any) -> UdpServer:
         return UdpServer(self, key, **options)
 
 

@@ -275,7 +275,9 @@ def check_config(file: dict[str, Any], role: str | None, pm: RelayPluginManager)
     for index, entry in enumerate(entries if entries is not None else [None]):
         part = file if entry is None else {**{k: v for k, v in file.items() if k not in ("locals", "local_address", "local_port")}, **entry}
         try:
-            configs.append(build_config(role, part, {}, ciphers=ciphers, handlers=handlers))
+            config = build_config(role, part, {}, ciphers=ciphers, handlers=handlers)
+            pm.hook.relay_configure(config=config)  # the plugins' own checks
+            configs.append(config)
         except ConfigError as e:
             problems.append(f'"locals"[{index}]: {e}' if entry is not None else str(e))
     # Two front-ends on one port, or a local in front of itself.

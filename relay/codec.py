@@ -13,7 +13,7 @@ memoryviews they hand out are valid until their next call. ``None`` as an encode
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .address import Address
 
@@ -61,8 +61,9 @@ class Cipher(Protocol):
     name: str
     key_size: int
 
-    def key_from_password(self, password: str) -> bytes:
-        """The master key for a password."""
+    def key_from_password(self, password: str) -> Any:
+        """The master key for a password (bytes for the AEAD-2017 methods; the core only hands it
+        back to the cipher)."""
 
     def encryptor(self, key: bytes) -> StreamEncoder:
         """A fresh stream encryptor with a random salt; its first output starts with the salt."""

@@ -68,7 +68,7 @@ _KNOWN = frozenset(
     "plugin_opts tunnel_address allow_private protocol forward handler connect_timeout "
     "handshake_timeout plugins udp_timeout udp_max_associations workers auth locals forward_address "
     "forward_port server_url server_list server_name egress allow_open one_time_auth max_sessions "
-    "max_sessions_per_client".split()
+    "max_sessions_per_client users".split()
 )
 
 # Pre-AEAD methods: recognised only to say why they are refused.
@@ -97,7 +97,8 @@ class Config:
     forward: Address | None = None
     method: str | None = None
     cipher: Cipher | None = None
-    key: bytes = field(default=b"", repr=False)
+    key: Any = field(default=b"", repr=False)
+    """What the cipher made of the password (``key_from_password``, or ``key_for_users``)."""
     password: str | None = field(default=None, repr=False)
     timeout: float = DEFAULT_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
@@ -250,7 +251,11 @@ def build_config(
             if not isinstance(password, str):
                 raise ConfigError('"password" must be a string')
             _utf8(password, '"password"')
-            key = cipher.key_from_password(password)
+            users = _users(file.get("users"))
+            if users:
+                key = _key_for_users(cipher, password, users, role)
+            else:
+                key = cipher.key_from_password(password)
         else:
             raise ConfigError('a password is required: give --password or "password" in the config file')
 
@@ -408,6 +413,38 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _users(value: Any) -> dict[str, str]:
+    """A multi-user remote's users: ``[{"name": ..., "password": ...}, ...]`` as sing-box and
+    shadowsocks-rust write them, or ``{"name": "password"}``."""
+    if value is None:
+        return {}
+    shape = '"users" must be a list of {"name": ..., "password": ...}'
+    if isinstance(value, dict):
+        value = [{"name": name, "password": password} for name, password in value.items()]
+    if not isinstance(value, list):
+        raise ConfigError(shape)
+    users: dict[str, str] = {}
+    for entry in value:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("password"), str):
+            raise ConfigError(shape)
+        name = entry["name"]
+        _utf8(name, '"users" name')
+        if not name or name in users:
+            raise ConfigError(f'"users": every user needs a name of their own ({name!r})')
+        users[name] = entry["password"]
+    return users
+
+
+def _key_for_users(cipher: Cipher, password: str, users: dict[str, str], role: str) -> Any:
+    """A cipher plugin that serves several users on one port says so with ``key_for_users``."""
+    if role != "remote":
+        raise ConfigError('"users" is a remote\'s setting; a local names its user by its password (for Shadowsocks 2022: IDENTITY_KEY:USER_KEY)')
+    make = getattr(cipher, "key_for_users", None)
+    if make is None:
+        raise ConfigError(f'"users": method {cipher.name} serves one key; several users on one port need a method that has them, such as 2022-blake3-aes-256-gcm')
+    return make(password, users)
 
 
 def _auth(value: Any) -> dict[str, str]:

@@ -82,6 +82,12 @@ def relay_register_ciphers() -> list[Cipher]:
     ``--method`` accepts), a ``key_size``, ``key_from_password(password)``, and factories for a
     stream ``encryptor(key)`` and ``decryptor(key)``. ``relay.aead.Aead2017Cipher`` builds one from
     an AEAD class, e.g. ``Aead2017Cipher("aes-192-gcm", 24, AESGCM)``.
+
+    The key is the cipher's own business: the core keeps whatever ``key_from_password`` returned
+    as ``config.key`` and hands it back to the cipher's factories. A method that serves several
+    users on one port (as Shadowsocks 2022 does, SIP023) also has ``key_for_users(password,
+    users)``, called for a remote whose config has ``"users"`` (name -> password); a method
+    without it makes such a config an error. Both raise ConfigError for a key they refuse.
     """
 
 
@@ -99,7 +105,8 @@ def relay_add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 def relay_configure(config: Config) -> None:
     """Look at (and check) the final configuration before any socket is opened.
 
-    Called once per relay (a ``relay demo`` runs two: a remote and a local). ``config.options``
+    Called once per relay (a ``relay demo`` runs two: a remote and a local), and by ``relay
+    check`` for each config it checks, which starts nothing. ``config.options``
     holds the parsed command line, ``config.file`` the JSON config file's keys. Raise
     ``relay.ConfigError`` to refuse the configuration; the CLI prints its message on one line and
     exits with status 2.

