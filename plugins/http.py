@@ -55,7 +55,7 @@ class HttpProxyHandler(RelayHandler):
             try:
                 event = self._client_event()
             except h11.RemoteProtocolError as e:
-                self._fail(e.error_status_hint, "bad request", e)
+                self._fail(e.error_status_hint, "request head too large" if e.error_status_hint == 431 else "bad request", e)
                 return
             if isinstance(event, h11.ConnectionClosed):
                 return

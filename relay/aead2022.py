@@ -1231,13 +1231,16 @@ class UdpServer:
             if crypto.block:
                 separate = crypto.open_header(packet)
                 session = self._sessions.get(separate[:8])
+                if identity:  # every packet names its user, as sing-box checks too
+                    user, user_crypto = self._user(packet, separate)
                 if session is not None:
                     if not session.window.check(int.from_bytes(separate[8:], "big")):
                         raise ReplayError("client packet id seen before, or behind the window")
-                    aead = session._client_aead  # its user's, whose key the body must authenticate under
+                    if session.user != user:
+                        raise ProtocolError("identity header names another user than its session's")
+                    aead = session._client_aead
                 elif identity:
-                    user, user_crypto = self._user(packet, separate)
-                    aead = user_crypto.session_aead(separate[:8])
+                    aead = user_crypto.session_aead(separate[:8])  # type: ignore[union-attr]
                 else:
                     aead = crypto.session_aead(separate[:8])
                 body = crypto.open_body(aead, separate, packet, _SEPARATE_HEADER + identity)

@@ -168,3 +168,16 @@ def test_users_through_relay_pair(pm, echo_target):
         with start_relay(make_config("local", pm, method=cipher.name, password=f"{identity}:{key(cipher)}", server=remote.address), pm) as stranger:
             with socks5_connect(stranger.address, echo_target) as sock:
                 assert exchange(sock, b"stranger") == b""
+
+
+def test_udp_every_packet_names_its_sessions_user(cipher):
+    """As sing-box: a packet of a known session whose identity header names someone else (or
+    nobody) is refused, though its body would authenticate."""
+    identity, alice, bob = key(cipher), key(cipher), key(cipher)
+    server = cipher.datagram_server(cipher.key_for_users(identity, {"alice": alice, "bob": bob}))
+    client = cipher.datagram_client(cipher.key_from_password(f"{identity}:{alice}"))
+    server.decode(client.encode(TARGET, b"first"))
+    packet = bytearray(client.encode(TARGET, b"second"))
+    packet[20] ^= 1
+    with pytest.raises(ProtocolError, match="identity header"):
+        server.decode(bytes(packet))
