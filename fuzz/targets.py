@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import h11
-from relay_plugins.http import _HOP_BY_HOP, HEAD_LIMIT, HttpProxyHandler, _absolute_target, _check_basic, _end_to_end
+from relay_plugins.http import _HOP_BY_HOP, HEAD_LIMIT, HttpProxyHandler, _absolute_target, _check_basic, _end_to_end, _head_size
 from relay_plugins.shadowsocks import CIPHERS as ALL_CIPHERS
 
 from relay import Address, ConfigError, ProtocolError, Socks5Error
 from relay.address import decode_address, encode_address, parse_host_port
 from relay.aead import MAX_PAYLOAD, NONCE_SIZE, Aead2017Cipher, session_subkey
+from relay.aead2022 import MAX_PADDING, Aead2022Cipher, SaltStore
 from relay.config import build_configs, load_file
 from relay.errors import Socks4Error
 from relay.plugin_manager import get_plugin_manager
@@ -330,6 +331,8 @@ def http_front_end(chunks: list[bytes], eof: bool) -> list[object]:
         if isinstance(event, h11.ConnectionClosed):
             return seen
         if isinstance(event, h11.Request):
+            if _head_size(event) > HEAD_LIMIT:  # as plugins/http.py: h11 bounds only a head still arriving
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
             seen.append(relay_side(event))
             if event.method == b"CONNECT":
                 return seen
@@ -390,12 +393,13 @@ def http_handler(reads: list[bytes], auth: bool = True) -> tuple:
 
 
 def head_refusals_alike(result: tuple) -> tuple:
-    """400 and 431 are both right for a head that is malformed and over HEAD_LIMIT: whether the
-    parse error or the size bound is met first depends on where the reads end."""
-    if result == ("error", 431):
-        return ("error", 400)
-    if isinstance(result[0], bytes) and result[0].startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"):
-        return (b"HTTP/1.1 400 Bad Request\r\n" + result[0].partition(b"\r\n")[2], *result[1:])
+    """For input past HEAD_LIMIT: a head that is over the bound and also wrong (malformed, or
+    asking for what is not supported) may be refused for either, depending on where the reads
+    end: 431 if the bound is met first, else 400 or 501. Any refusal is right."""
+    if result[0] == "error":
+        return ("error", "refused")
+    if isinstance(result[0], bytes) and re.match(rb"HTTP/1\.1 (4|5)\d\d ", result[0]):
+        return (b"refused", *result[1:])
     return result
 
 
@@ -432,7 +436,7 @@ HTTP_TOKENS = [b"HTTP/1.1", b"HTTP/1.0", b"CONNECT", b"GET", b"http://", b"\r\n"
 # -- Shadowsocks AEAD: TCP stream and UDP packets --------------------------------------------------
 
 # The AEAD-2017 methods (SIP004): relay.aead's framing. (The SIP022 ones in the same list have
-# framing of their own, relay.aead2022: not covered here.)
+# framing of their own, relay.aead2022: the 2022_stream and 2022_udp targets below.)
 CIPHERS = [cipher for cipher in ALL_CIPHERS if isinstance(cipher, Aead2017Cipher)]
 KEYS = {cipher.name: bytes(range(1, cipher.key_size + 1)) for cipher in CIPHERS}
 
@@ -567,6 +571,105 @@ def fuzz_aead_udp(data: bytes) -> None:
 AEAD_UDP_SEEDS = [bytes([i, m]) + b"s" * 32 + encode_address(a) + b"payload" for i in range(len(CIPHERS)) for m in (1, 2) for a in (Address("1.2.3.4", 53), Address("example.com", 443))]
 
 
+# -- Shadowsocks 2022 (SIP022, and SIP023's identity headers): TCP stream and UDP packets ----------
+
+CIPHERS_2022 = [cipher for cipher in ALL_CIPHERS if isinstance(cipher, Aead2022Cipher)]
+NOW = 1_700_000_000.0  # one clock for senders and receivers: timestamps are checked, not the wall clock
+PSKS = {size: [base64.b64encode(bytes([n]) * size).decode() for n in (1, 2, 3)] for size in (16, 32)}
+
+
+def keys_2022(cipher: Aead2022Cipher, multi_user: bool) -> tuple:
+    """(client key, server key): one PSK, or (AES methods) identity PSK 1 with users 2 and 3."""
+    identity, alice, bob = PSKS[cipher.key_size]
+    if multi_user and cipher.udp_block_header:
+        return cipher.key_from_password(f"{identity}:{bob}"), cipher.key_for_users(identity, {"alice": alice, "bob": bob})
+    return cipher.key_from_password(identity), cipher.key_from_password(identity)
+
+
+def decode_request_in_pieces(cipher: Aead2022Cipher, server_key, pieces: list[bytes]) -> tuple[bytes, object, tuple]:
+    decoder = cipher.request_decoder(server_key, salts=SaltStore(monotonic=lambda: NOW), clock=lambda: NOW)
+    plaintext = bytearray()
+
+    def run() -> None:
+        for piece in pieces:
+            plaintext.extend(decoder.decrypt(piece))
+        decoder.eof()
+
+    ending = outcome(run, ProtocolError)
+    return bytes(plaintext), decoder.target, ending
+
+
+def fuzz_2022_stream(data: bytes) -> None:
+    """A request stream at the server: raw bytes, or an authentic one (target, padding or not,
+    initial payload, more chunks) from one or two senders, mutated."""
+    reader = Reader(data)
+    cipher = CIPHERS_2022[reader.byte() % len(CIPHERS_2022)]
+    mode = reader.byte()
+    client_key, server_key = keys_2022(cipher, bool(mode & 2))
+    sent: dict[bytes, tuple[Address, bytes]] = {}
+    if mode & 1:
+        wire = reader.rest()
+    else:
+        flights = []
+        for _ in range(2):
+            target = (Address("127.0.0.1", 80), Address("example.com", 443), Address("::1", 0))[reader.byte() % 3]
+            pad = reader.byte() % 3
+            encoder = cipher.request_encoder(client_key, target, clock=lambda: NOW, padding=lambda n, pad=pad: (0, 1, MAX_PADDING)[pad] if n or pad else 1)
+            chunks = [reader.take(reader.int(2) % 300) for _ in range(reader.byte() % 3 + 1)]
+            flights.append(b"".join(bytes(encoder.encode(chunk)) for chunk in chunks))
+            sent[encoder.salt] = (target, b"".join(chunks))
+        wire = mutate(flights[0], reader, flights[1])
+    genuine_target, genuine = sent.get(wire[: cipher.salt_size], (None, b""))
+    results = [decode_request_in_pieces(cipher, server_key, pieces) for pieces in splits_of(wire, max_bytewise=1024)]
+    whole_text, whole_target, whole_end = results[0]
+    for text, target, end in results:
+        assert genuine.startswith(text), "plaintext that was never sent came out"
+        assert target is None or target == genuine_target, f"a target never sent came out: {target}"
+        assert end == whole_end, f"ending depends on the split: {whole_end!r} != {end!r}"
+        assert (text, target) == (whole_text, whole_target) if end[0] == "ok" else text.startswith(whole_text)
+    response = cipher.response_decoder(client_key, bytes(cipher.salt_size), clock=lambda: NOW)
+    outcome(lambda: response.decrypt(wire), ProtocolError)  # the same bytes as a response: refused, nothing else
+
+
+def fuzz_2022_udp(data: bytes) -> None:
+    """Packets at the server (raw, or authentic client packets with one bit flipped or cut short)
+    and at the client (the same for server packets)."""
+    reader = Reader(data)
+    cipher = CIPHERS_2022[reader.byte() % len(CIPHERS_2022)]
+    mode = reader.byte()
+    client_key, server_key = keys_2022(cipher, bool(mode & 4))
+    server = cipher.datagram_server(server_key, clock=lambda: NOW, monotonic=lambda: NOW)
+    client = cipher.datagram_client(client_key, clock=lambda: NOW, monotonic=lambda: NOW, padding=lambda a, n: 0)
+    target = Address("127.0.0.1", 53)
+    first = client.encode(target, b"hello")
+    session, _, _ = server.decode(first, ("127.0.0.1", 1))
+    answer = session.encode(target, b"world")
+    assert client.decode(answer) == (target, b"world")
+    payload = reader.take(reader.byte())
+    raw = reader.rest() if mode & 3 == 0 else b""
+    kind = mode & 3 if raw or mode & 3 else 3  # 3: authentic
+    for decode, packet in ((server.decode, client.encode(target, payload)), (client.decode, session.encode(target, payload))):
+        if kind == 0:
+            packet = raw
+        elif kind == 1:
+            position = int.from_bytes(hashlib.sha1(data).digest()[:4], "big") % (len(packet) * 8)
+            flipped = bytearray(packet)
+            flipped[position // 8] ^= 1 << (position % 8)
+            packet = bytes(flipped)
+        elif kind == 2:
+            packet = packet[: int.from_bytes(hashlib.sha1(data).digest()[:4], "big") % len(packet)]
+        result = outcome(lambda decode=decode, packet=packet: decode(packet), ProtocolError)
+        if result[0] == "ok":
+            decoded = result[1][1:] if decode == server.decode else result[1]
+            assert kind == 3 and tuple(decoded) == (target, payload), f"a mangled packet decoded: {decoded!r}"
+        elif kind == 3:
+            raise AssertionError(f"an authentic packet was refused: {result!r}")
+
+
+STREAM_2022_SEEDS = [bytes([c, m]) + bytes(40) for c in range(3) for m in (0, 1, 2)]
+UDP_2022_SEEDS = [bytes([c, m]) + b"\x05hello" for c in range(3) for m in range(8)]
+
+
 # -- ss:// URLs, SIP008, config ----------------------------------------------------------------------
 
 SECRET = "Pa55-w0rd-NOT-IN-MESSAGES"
@@ -659,6 +762,8 @@ TARGETS = {
         Target("http", fuzz_http, HTTP_SEEDS, [*HTTP_TOKENS, *MACROS], max_len=8192),
         Target("aead_stream", fuzz_aead_stream, aead_stream_seeds(), [], max_len=2048),
         Target("aead_udp", fuzz_aead_udp, AEAD_UDP_SEEDS, [b"\x01\x7f\x00\x00\x01", b"\x03\x0bexample.com", b"\x04"], max_len=2048),
+        Target("2022_stream", fuzz_2022_stream, STREAM_2022_SEEDS, [], max_len=2048),
+        Target("2022_udp", fuzz_2022_udp, UDP_2022_SEEDS, [], max_len=1024),
         Target("ssurl", fuzz_ssurl, SSURL_SEEDS, [*SSURL_TOKENS, *MACROS], max_len=1024),
         Target("sip008", fuzz_sip008, SIP008_SEEDS, [*JSON_TOKENS, *MACROS]),
         Target("config", fuzz_config, CONFIG_SEEDS, [*CONFIG_TOKENS, *MACROS]),
