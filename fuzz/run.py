@@ -38,7 +38,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CRASHES = HERE / "crashes"
-TARGET_NAMES = ["socks5", "socks5_udp", "socks4", "address", "http", "aead_stream", "aead_udp", "ssurl", "sip008", "config"]
+
+
+def target_names() -> list[str]:
+    """Every target, in fuzz/targets.py's order (the workers import it again, instrumented)."""
+    sys.path.insert(0, str(HERE))
+    import targets
+
+    return list(targets.TARGETS)
 
 
 def have_atheris() -> bool:
@@ -237,10 +244,11 @@ def summarize(process: subprocess.Popen) -> dict:
 
 
 def orchestrate(args: argparse.Namespace) -> int:
-    names = args.targets.split(",") if args.targets else TARGET_NAMES
-    unknown = set(names) - set(TARGET_NAMES)
+    known = target_names()
+    names = args.targets.split(",") if args.targets else known
+    unknown = set(names) - set(known)
     if unknown:
-        sys.exit(f"unknown targets: {', '.join(sorted(unknown))} (known: {', '.join(TARGET_NAMES)})")
+        sys.exit(f"unknown targets: {', '.join(sorted(unknown))} (known: {', '.join(known)})")
     engine = args.engine
     if engine == "auto":
         engine = "atheris" if have_atheris() else "plain"
@@ -276,9 +284,9 @@ def reproduce(path: str) -> int:
     sys.path.insert(0, str(HERE))
     import targets
 
-    name = next((n for n in sorted(TARGET_NAMES, key=len, reverse=True) if Path(path).name.startswith(n + "-")), None)
+    name = next((n for n in sorted(target_names(), key=len, reverse=True) if Path(path).name.startswith(n + "-")), None)
     if name is None:
-        sys.exit(f"cannot tell the target from {path}: file names start with one of {', '.join(TARGET_NAMES)}")
+        sys.exit(f"cannot tell the target from {path}: file names start with one of {', '.join(target_names())}")
     data = Path(path).read_bytes()
     print(f"{name}: {data!r}")
     targets.TARGETS[name].run(data)
@@ -290,7 +298,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="total fuzzing time, split evenly across the targets (default 10)")
     parser.add_argument("--seconds", type=int, default=0, help="seconds per target instead of --minutes")
-    parser.add_argument("--targets", default="", help=f"comma-separated subset of: {','.join(TARGET_NAMES)}")
+    parser.add_argument("--targets", default="", help="comma-separated subset of the targets (default: all; fuzz/README.md lists them)")
     parser.add_argument("--engine", choices=("auto", "atheris", "plain"), default="auto")
     parser.add_argument("--jobs", type=int, default=1, help="targets fuzzed at the same time (one process each)")
     parser.add_argument("--input-timeout", type=int, default=10, help="seconds one input may take before it counts as a hang")

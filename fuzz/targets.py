@@ -16,47 +16,50 @@ tokens for libFuzzer.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import random
 import re
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
+from pathlib import Path
 
-import h11
-from relay_plugins.http import _HOP_BY_HOP, HEAD_LIMIT, HttpProxyHandler, _absolute_target, _check_basic, _end_to_end, _head_size
+from relay_plugins.http import HEAD_LIMIT, _check_basic
 from relay_plugins.shadowsocks import CIPHERS as ALL_CIPHERS
 
-from relay import Address, ConfigError, ProtocolError, Socks5Error
+from relay import Address, ConfigError, ProtocolError
 from relay.address import decode_address, encode_address, parse_host_port
 from relay.aead import MAX_PAYLOAD, NONCE_SIZE, Aead2017Cipher, session_subkey
 from relay.aead2022 import MAX_PADDING, Aead2022Cipher, SaltStore
 from relay.config import build_configs, load_file
-from relay.errors import Socks4Error
 from relay.plugin_manager import get_plugin_manager
-from relay.protocol import NEED_DATA
 from relay.sip008 import parse_server_list
-from relay.socks4 import ReplyCode as Socks4ReplyCode
-from relay.socks4 import Socks4Reply, Socks4Server
-from relay.socks4 import State as Socks4State
-from relay.socks5 import (
-    AuthResult,
-    Credentials,
-    Greeting,
-    Method,
-    MethodSelection,
-    Reply,
-    ReplyCode,
-    Request,
-    Socks5Server,
-    State,
-    parse_datagram,
-)
+from relay.socks5 import parse_datagram
 from relay.ssurl import format_ss_url, parse_ss_url
+
+# The properties themselves are the test suite's (tests/test_hostile_input.py): what a front-end
+# does with what a parser hands it, and how an outcome is recorded. Here they run for minutes.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import test_hostile_input as properties  # noqa: E402
+from test_hostile_input import (  # noqa: E402
+    USERS,
+    check_target,
+    decrypt_in_pieces,
+    http_handler,
+    http_outcome,
+    outcome,
+    seal,
+    socks4_request,
+    socks5_handshake,
+)
+
+# run.py bounds every input itself (libFuzzer's -timeout, or its own alarm): the suite's
+# per-call alarm would only replace that one's handler.
+properties.time_limit = lambda seconds=None: contextlib.nullcontext()
 
 
 @dataclass
@@ -71,12 +74,6 @@ class Target:
 # -- shared helpers -----------------------------------------------------------------------------
 
 
-def outcome(run: Callable[[], object], *allowed: type[BaseException]) -> tuple:
-    try:
-        return ("ok", run())
-    except allowed as e:
-        return ("error", type(e), str(e))
-
 
 def splits_of(data: bytes, max_bytewise: int = 1024) -> list[list[bytes]]:
     """The input whole, at random split points chosen from the input itself, and byte by byte."""
@@ -89,13 +86,6 @@ def splits_of(data: bytes, max_bytewise: int = 1024) -> list[list[bytes]]:
         ways.append([data[i : i + 1] for i in range(len(data))])
     return ways
 
-
-def check_target(target: Address) -> None:
-    assert isinstance(target.host, str) and 0 <= target.port <= 65535, target
-    try:
-        encode_address(target)
-    except ProtocolError:
-        pass
 
 
 def assert_one_line(message: str) -> None:
@@ -157,31 +147,6 @@ class Reader:
 # -- SOCKS5 (RFC 1928, RFC 1929) and its UDP header ------------------------------------------------
 
 
-def socks5_handshake(chunks: list[bytes], auth: bool) -> tuple:
-    server = Socks5Server()
-    seen: list[object] = []
-    for chunk in chunks:
-        server.receive_data(chunk)
-        while server.state in (State.GREETING, State.AUTHENTICATING, State.REQUEST):
-            try:
-                event = server.next_event()
-            except Socks5Error as e:
-                assert e.reply_code in set(ReplyCode), e.reply_code
-                if server.state is State.REQUEST:
-                    server.send(Reply(ReplyCode(e.reply_code)))
-                raise
-            if event is NEED_DATA:
-                break
-            seen.append(event)
-            if isinstance(event, Greeting):
-                server.send(MethodSelection(Method.USERNAME_PASSWORD if auth else Method.NO_AUTHENTICATION))
-            elif isinstance(event, Credentials):
-                event.username.encode(), event.password.encode()
-                server.send(AuthResult(True))
-            elif isinstance(event, Request):
-                check_target(event.target)
-    return seen, server.state, server.trailing_data if server.state is State.REPLYING else None
-
 
 def fuzz_socks5(data: bytes) -> None:
     auth, body = bool(data[:1] and data[0] & 1), data[1:]
@@ -209,24 +174,6 @@ SOCKS5_UDP_SEEDS = [b"\x00\x00\x00" + encode_address(a) + b"payload" for a in (A
 
 # -- SOCKS4 / SOCKS4a ------------------------------------------------------------------------------
 
-
-def socks4_request(chunks: list[bytes]) -> tuple:
-    server = Socks4Server()
-    seen = []
-    for chunk in chunks:
-        server.receive_data(chunk)
-        if server.state is Socks4State.REQUEST:
-            try:
-                event = server.next_event()
-            except Socks4Error as e:
-                assert e.reply_code == Socks4ReplyCode.REJECTED_OR_FAILED, e.reply_code
-                server.send(Socks4Reply(Socks4ReplyCode(e.reply_code)))
-                raise
-            if event is not NEED_DATA:
-                check_target(event.target)
-                event.userid.encode()
-                seen.append(event)
-    return seen, server.state, server.trailing_data if server.state is Socks4State.REPLYING else None
 
 
 def fuzz_socks4(data: bytes) -> None:
@@ -278,119 +225,6 @@ ADDRESS_SEEDS = [bytes([0]) + encode_address(a) for a in (Address("127.0.0.1", 8
 
 # -- HTTP: h11 as the front-end drives it, and relay's own parsing of a request -----------------------
 
-USERS = {"alice": "s3cret", "jürgen": "€"}
-
-
-def relay_side(request: h11.Request) -> object:
-    for name, value in request.headers:
-        if name == b"proxy-authorization":
-            scheme, _, credentials = value.partition(b" ")
-            if scheme.lower() == b"basic":
-                assert isinstance(_check_basic(credentials.strip(), USERS), bool)
-    if request.method == b"CONNECT":
-        try:
-            target = parse_host_port(request.target.decode("ascii"), what="CONNECT target")
-        except (ValueError, UnicodeDecodeError):
-            return "400"
-        check_target(target)
-        return target
-    try:
-        target, path = _absolute_target(request.target)
-    except ValueError:
-        return "400"
-    check_target(target)
-    headers = _end_to_end(request.headers)
-    assert not any(name in _HOP_BY_HOP for name, _ in headers)
-    if not any(name == b"host" for name, _ in headers):
-        headers.insert(0, (b"Host", request.target.split(b"/")[2]))
-    try:
-        h11.Connection(h11.CLIENT).send(h11.Request(method=request.method, target=path, headers=headers))
-    except h11.LocalProtocolError:
-        return ("502", target)
-    return (target, path)
-
-
-def http_front_end(chunks: list[bytes], eof: bool) -> list[object]:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
-    pending = [*chunks, b""] if eof else list(chunks)
-    seen: list[object] = []
-    for _ in range(10_000):
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            if not pending:
-                return seen
-            conn.receive_data(pending.pop(0))
-            continue
-        if isinstance(event, h11.Data):
-            if seen and isinstance(seen[-1], bytes):
-                seen[-1] += event.data
-            else:
-                seen.append(bytes(event.data))
-            continue
-        seen.append(event)
-        if isinstance(event, h11.ConnectionClosed):
-            return seen
-        if isinstance(event, h11.Request):
-            if _head_size(event) > HEAD_LIMIT:  # as plugins/http.py: h11 bounds only a head still arriving
-                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
-            seen.append(relay_side(event))
-            if event.method == b"CONNECT":
-                return seen
-        if isinstance(event, h11.EndOfMessage):
-            conn.send(h11.Response(status_code=200, headers=[(b"Content-Length", b"0")]))
-            conn.send(h11.EndOfMessage())
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                return seen
-            conn.start_next_cycle()
-    raise AssertionError("h11 produced 10000 events from one input")
-
-
-def http_outcome(chunks: list[bytes], eof: bool) -> tuple:
-    try:
-        return ("ok", http_front_end(chunks, eof))
-    except h11.RemoteProtocolError as e:
-        assert e.error_status_hint in (400, 431, 501, 505), e.error_status_hint
-        return ("error", e.error_status_hint)
-
-
-class FakeClient:
-    """The client socket of an HttpProxyHandler: ``recv`` hands out the given reads, then EOF."""
-
-    def __init__(self, reads: list[bytes]) -> None:
-        self.reads, self.sent = list(reads), bytearray()
-
-    def recv(self, size: int) -> bytes:
-        if not self.reads:
-            return b""
-        if len(self.reads[0]) > size:
-            self.reads[0:1] = [self.reads[0][:size], self.reads[0][size:]]
-        return self.reads.pop(0)
-
-    def sendall(self, data: bytes) -> None:
-        self.sent += data
-
-    def settimeout(self, timeout: float | None) -> None:
-        pass
-
-
-def http_handler(reads: list[bytes], auth: bool = True) -> tuple:
-    """The real front-end, every target unreachable: its answer, and the error it ends with
-    (ProtocolError at most: anything else escapes)."""
-    handler = HttpProxyHandler.__new__(HttpProxyHandler)
-    handler.request = client = FakeClient(reads)
-    handler.session = SimpleNamespace(config=SimpleNamespace(auth=dict(USERS) if auth else {}, timeout=5.0, handshake_timeout=30.0), started=time.monotonic(), bytes_up=0, bytes_down=0)
-
-    def unreachable(target: Address) -> None:
-        check_target(target)
-        raise OSError("no network here")
-
-    handler.open_upstream = unreachable
-    try:
-        handler.handle()
-    except ProtocolError as e:
-        return bytes(client.sent), type(e)
-    return bytes(client.sent), type(handler.error) if handler.error is not None else None
-
 
 def head_refusals_alike(result: tuple) -> tuple:
     """For input past HEAD_LIMIT: a head that is over the bound and also wrong (malformed, or
@@ -415,21 +249,7 @@ def fuzz_http(data: bytes) -> None:
         assert isinstance(_check_basic(credentials, USERS), bool)
 
 
-HTTP_SEEDS = [
-    flags + s
-    for flags in (b"\x00", b"\x02")
-    for s in (
-        b"GET http://example.com/path?q=1 HTTP/1.1\r\nHost: example.com\r\nUser-Agent: x\r\n\r\n",
-        b"POST http://example.com:8080/form HTTP/1.1\r\nHost: example.com:8080\r\nContent-Length: 5\r\n\r\nhello",
-        b"POST http://e/ HTTP/1.1\r\nHost: e\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n",
-        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nProxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n\r\nearly",
-        b"CONNECT [::1]:22 HTTP/1.1\r\nHost: [::1]:22\r\n\r\n",
-        b"GET http://[::1]:8080/ HTTP/1.0\r\n\r\n",
-        b"GET http://a/ HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Foo\r\nX-Foo: 1\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\r\nGET http://a/2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        b"PUT http://a/ HTTP/1.1\r\nhost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\nProxy-Authorization: basic !!!\r\n\r\nabc",
-        b"GET http://user@a:0/?x HTTP/1.1\nHost: a\n\n",
-    )
-]
+HTTP_SEEDS = [flags + seed for flags in (b"\x00", b"\x02") for seed in properties.HTTP_SEEDS]
 HTTP_TOKENS = [b"HTTP/1.1", b"HTTP/1.0", b"CONNECT", b"GET", b"http://", b"\r\n", b"\r\n\r\n", b"Host: ", b"Content-Length: ", b"Transfer-Encoding: chunked", b"Connection: ", b"close", b"keep-alive", b"Proxy-Authorization: Basic ", b"YWxpY2U6czNjcmV0", b"Expect: 100-continue", b"[::1]", b":65535", b":0"]
 
 
@@ -440,31 +260,6 @@ HTTP_TOKENS = [b"HTTP/1.1", b"HTTP/1.0", b"CONNECT", b"GET", b"http://", b"\r\n"
 CIPHERS = [cipher for cipher in ALL_CIPHERS if isinstance(cipher, Aead2017Cipher)]
 KEYS = {cipher.name: bytes(range(1, cipher.key_size + 1)) for cipher in CIPHERS}
 
-
-def seal(cipher, key: bytes, salt: bytes, chunks: list[tuple[int, bytes | None]]) -> bytes:
-    aead = cipher.aead(session_subkey(key, salt))
-    out = bytearray(salt)
-    nonce = 0
-    for length, payload in chunks:
-        out += aead.encrypt(nonce.to_bytes(NONCE_SIZE, "little"), length.to_bytes(2, "big"), None)
-        nonce += 1
-        if payload is not None:
-            out += aead.encrypt(nonce.to_bytes(NONCE_SIZE, "little"), payload, None)
-            nonce += 1
-    return bytes(out)
-
-
-def decrypt_in_pieces(cipher, pieces: list[bytes], capacity: int) -> tuple[bytes, tuple]:
-    decryptor = cipher.decryptor(KEYS[cipher.name], capacity=capacity)
-    plaintext = bytearray()
-
-    def run() -> None:
-        for piece in pieces:
-            plaintext.extend(decryptor.decrypt(piece))
-        decryptor.eof()
-
-    ending = outcome(run, ProtocolError)
-    return bytes(plaintext), ending
 
 
 def build_stream(cipher, reader: Reader, salt: bytes) -> tuple[bytes, bytes]:
@@ -526,7 +321,7 @@ def fuzz_aead_stream(data: bytes) -> None:
         wire_b, sent[salt_b] = build_stream(cipher, reader, salt_b)
         wire = mutate(wire_a, reader, wire_b)
     genuine = sent.get(wire[: cipher.salt_size], b"")
-    results = [decrypt_in_pieces(cipher, pieces, capacity) for pieces, capacity in zip(splits_of(wire, max_bytewise=1024), (1 << 18, 1, 1 << 18))]
+    results = [decrypt_in_pieces(cipher, KEYS[cipher.name], pieces, capacity) for pieces, capacity in zip(splits_of(wire, max_bytewise=1024), (1 << 18, 1, 1 << 18))]
     whole_text, whole_end = results[0]
     for text, end in results:
         assert genuine.startswith(text), "plaintext that was never sent came out"
