@@ -1341,6 +1341,11 @@ class Aead2022Cipher:
             keys[name] = decode_psk(psk, self.key_size, f"user {name!r}: {self.name}")
         return UserKeys(decode_psk(password, self.key_size, self.name), keys)
 
+    def client_password(self, password: str, user_password: str) -> str:
+        """What a user of a multi-user server (``key_for_users(password, ...)``) gives as its
+        password: both keys, ``IDENTITY:USER``."""
+        return f"{password}:{user_password}"
+
     def generate_key(self) -> str:
         return generate_psk(self.key_size)
 

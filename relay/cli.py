@@ -115,7 +115,8 @@ def build_parser(pm: RelayPluginManager) -> argparse.ArgumentParser:
     url.add_argument("--host", metavar="HOST", help="the address clients reach the remote at (default: the config's server, unless it is a wildcard)")
     url.add_argument("-p", "--port", type=int, help="the port clients reach it at (default: the config's)")
     _cipher_options(url)
-    url.add_argument("--tag", default=None, help="a name for the server in clients (the URL's #fragment)")
+    url.add_argument("--tag", default=None, help="a name for the server in clients (the URL's #fragment; default for a multi-user remote: the user's name)")
+    url.add_argument("--user", metavar="NAME", help='a multi-user remote ("users"): the URL of this user only (default: one per user)')
     url.add_argument("--no-qr", action="store_true", help="print only the URL")
     url.add_argument("--plugin", action="append", default=[], metavar="MODULE", help=argparse.SUPPRESS)
     url.add_argument("-v", "--verbose", action="count", default=0, help=argparse.SUPPRESS)
@@ -311,9 +312,19 @@ def _run_url(args: argparse.Namespace, pm: RelayPluginManager, file: dict[str, A
     if not host:
         raise ConfigError(f"the remote listens on {listen.host}, which clients cannot dial: give --host with its public address")
     server = Address(host, args.port or listen.port)
-    url = format_ss_url(remote.method or "", remote.password, server, args.tag)
-    print(url)
-    if not args.no_qr:
+    if remote.users:
+        names = [args.user] if args.user else list(remote.users)
+        if args.user not in (None, *remote.users):
+            raise ConfigError(f"--user {args.user!r}: the config has no such user (it has {', '.join(remote.users)})")
+        client_password = remote.cipher.client_password  # type: ignore[union-attr]  # key_for_users's partner
+        urls = [format_ss_url(remote.method or "", client_password(remote.password, remote.users[name]), server, args.tag or name) for name in names]
+    elif args.user:
+        raise ConfigError('--user: the config has no "users"')
+    else:
+        urls = [format_ss_url(remote.method or "", remote.password, server, args.tag)]
+    print("\n".join(urls))
+    url = urls[0]
+    if not args.no_qr and len(urls) == 1:
         try:
             import segno  # noqa: PLC0415 - optional: pip install 'relay-proxy[qr]'
         except ImportError:

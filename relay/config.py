@@ -121,6 +121,9 @@ class Config:
     """What a remote (or a direct proxy) may dial: the private-address policy and the ACL."""
     allow_open: bool = False
     auth: Mapping[str, str] = field(default_factory=dict, repr=False)
+    users: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """A multi-user remote's users, name -> password as configured (the cipher's key_for_users
+    made ``key`` of them)."""
     """Username -> password a local's clients must present (SOCKS5 RFC 1929, HTTP Basic)."""
     plugins: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -238,11 +241,14 @@ def build_config(
     method = cipher = None
     key = b""
     password = None
+    users = _users(file.get("users"))
     if role in ("local", "remote"):
         method = str(pick("method", DEFAULT_METHOD)).lower()
         cipher = _cipher(ciphers, method)
         password = pick("password")
         key_text = pick("key")
+        if key_text and users:
+            raise ConfigError('"users": give the identity key as "password", not "key"')
         if key_text:
             key = _base64_key(key_text, cipher)
         elif password or password == 0:
@@ -251,7 +257,6 @@ def build_config(
             if not isinstance(password, str):
                 raise ConfigError('"password" must be a string')
             _utf8(password, '"password"')
-            users = _users(file.get("users"))
             if users:
                 key = _key_for_users(cipher, password, users, role)
             else:
@@ -319,6 +324,7 @@ def build_config(
         replay_window=_seconds(pick("replay_window", DEFAULT_REPLAY_WINDOW), "replay_window"),
         workers=workers,
         auth=auth,
+        users=users,
         max_sessions=_count(pick("max_sessions", DEFAULT_MAX_SESSIONS), "max_sessions"),
         max_sessions_per_client=_count(pick("max_sessions_per_client", DEFAULT_MAX_SESSIONS_PER_CLIENT), "max_sessions_per_client"),
         plugins=tuple(plugins),

@@ -86,8 +86,10 @@ def relay_register_ciphers() -> list[Cipher]:
     The key is the cipher's own business: the core keeps whatever ``key_from_password`` returned
     as ``config.key`` and hands it back to the cipher's factories. A method that serves several
     users on one port (as Shadowsocks 2022 does, SIP023) also has ``key_for_users(password,
-    users)``, called for a remote whose config has ``"users"`` (name -> password); a method
-    without it makes such a config an error. Both raise ConfigError for a key they refuse.
+    users)``, called for a remote whose config has ``"users"`` (name -> password), and
+    ``client_password(password, user_password)``, the password a user's client gives (``relay
+    url`` prints it); a method without them makes such a config an error. Both key functions raise
+    ConfigError for a key they refuse.
     """
 
 

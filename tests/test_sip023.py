@@ -181,3 +181,35 @@ def test_udp_every_packet_names_its_sessions_user(cipher):
     packet[20] ^= 1
     with pytest.raises(ProtocolError, match="identity header"):
         server.decode(bytes(packet))
+
+
+def test_relay_url_prints_each_users_url_and_it_works(pm, echo_target, tmp_path: Path):
+    """``relay url`` of a multi-user remote prints one URL per user (tag: the user's name), with
+    both keys; a local configured by one of them gets through the remote."""
+    cipher = AES[0]
+    identity, users = key(cipher), {"alice": key(cipher), "bob": key(cipher)}
+    remote_file = {"server": "127.0.0.1", "server_port": 8388, "method": cipher.name, "password": identity, "users": [{"name": n, "password": k} for n, k in users.items()]}
+    path = tmp_path / "remote.json"
+    path.write_text(json.dumps(remote_file))
+    command = [*relay_command(), "url", "-c", str(path), "--no-qr"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30, env=subprocess_env(), check=False)
+    assert done.returncode == 0, done.stderr
+    urls = done.stdout.split()
+    assert [url.rpartition("#")[2] for url in urls] == ["alice", "bob"]
+    bob = subprocess.run([*command, "--user", "bob"], capture_output=True, text=True, timeout=30, env=subprocess_env(), check=False)
+    assert bob.stdout.split() == urls[1:]
+    nobody = subprocess.run([*command, "--user", "carol"], capture_output=True, text=True, timeout=30, env=subprocess_env(), check=False)
+    assert nobody.returncode == 2 and "no such user" in nobody.stderr
+    remote_config = make_config("remote", pm, {"users": users}, method=cipher.name, password=identity, allow_private=True)
+    with start_relay(remote_config, pm) as remote:
+        url = urls[1].replace("127.0.0.1:8388", str(remote.address))
+        with start_relay(make_config("local", pm, server_url=url), pm) as local:
+            assert local.config.key == PskChain([base64.b64decode(identity), base64.b64decode(users["bob"])])
+            with socks5_connect(local.address, echo_target) as sock:
+                assert exchange(sock, b"bob via url") == b"bob via url"
+
+
+def test_users_need_the_identity_key_as_password():
+    cipher = AES[0]
+    with pytest.raises(ConfigError, match='not "key"'):
+        make_config("remote", None, {"users": {"alice": key(cipher)}}, method=cipher.name, key=key(cipher))
