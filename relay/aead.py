@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .address import Address, decode_address, encode_address
-from .codec import DEFAULT_BUFFER_SIZE, INITIAL_BUFFER_SIZE
+from .codec import DEFAULT_BUFFER_SIZE, ChunkReceiveBuffer
 from .errors import DecryptError, ProtocolError
 
 __all__ = [
@@ -136,15 +136,11 @@ class AeadStreamEncryptor:
         return bytes(self.encode(data))
 
 
-class AeadStreamDecryptor:
+class AeadStreamDecryptor(ChunkReceiveBuffer):
     """Ciphertext in, plaintext out; partial chunks wait in the receive buffer."""
 
     def __init__(self, aead: AeadFactory, key: bytes, salt_size: int, capacity: int = DEFAULT_BUFFER_SIZE) -> None:
-        # Start small (an idle session holds little); grow to fit the chunk being read, and
-        # double whenever a receive fills what was offered, up to ``capacity``.
-        initial = INITIAL_BUFFER_SIZE
-        self._capacity = max(capacity, _MAX_CHUNK + salt_size)
-        self._filled = False
+        self._init_buffer(max(capacity, _MAX_CHUNK + salt_size))
         self.salt: bytes | None = None
         self._aead_factory = aead
         self._key = key
@@ -152,35 +148,15 @@ class AeadStreamDecryptor:
         self._decrypt_into: Callable[..., int] | None = None
         self._nonce = 0
         self._length = -1  # payload length read from the last length chunk, or -1
-        self._buf = memoryview(bytearray(initial))
-        self._out = memoryview(bytearray(initial))
         self._length_out = bytearray(LENGTH_SIZE)
-        self._start = 0
-        self._end = 0
 
     def recv_buffer(self) -> memoryview:
-        buf, start, end = self._buf, self._start, self._end
         # Bytes the chunk being read needs from ``start`` on: its payload and tag once the length
         # is known, else the salt (if still to come) and a length chunk.
-        needed = self._length + TAG_SIZE if self._length >= 0 else _LENGTH_CHUNK + (0 if self._decrypt_into else self._salt_size)
-        size = len(buf)
-        if self._filled and size < self._capacity:
-            size = min(2 * size, self._capacity)
-        size = max(size, needed)
-        if size > len(buf):
-            grown = memoryview(bytearray(size))
-            grown[: end - start] = buf[start:end]
-            self._buf, self._out = grown, memoryview(bytearray(size))
-            self._start, self._end = 0, end - start
-        elif start and (len(buf) - start < needed or len(buf) - end < len(buf) // 4):
-            buf[: end - start] = buf[start:end]  # move the partial chunk to the front
-            self._start, self._end = 0, end - start
-        self._filled = False
-        return self._buf[self._end :]
+        return self._offer(self._length + TAG_SIZE if self._length >= 0 else _LENGTH_CHUNK + (0 if self._decrypt_into else self._salt_size))
 
     def received(self, nbytes: int) -> memoryview:
-        self._filled = self._end + nbytes == len(self._buf)
-        end = self._end = self._end + nbytes
+        end = self._took(nbytes)
         pos = self._start
         buf = self._buf
         if self._decrypt_into is None:
@@ -227,18 +203,6 @@ class AeadStreamDecryptor:
     def eof(self) -> None:
         if self._end != self._start or self._length >= 0:
             raise ProtocolError("stream ended inside a chunk")
-
-    def decrypt(self, data: bytes) -> bytes:
-        """Feed ``data`` and return every plaintext byte it completes (a copy)."""
-        result = bytearray()
-        view = memoryview(data)
-        while view:
-            buf = self.recv_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            result += self.received(n)
-        return bytes(result)
 
 
 class AeadDatagramCodec:

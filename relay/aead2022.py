@@ -82,7 +82,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .address import Address, decode_address, encode_address
-from .codec import DEFAULT_BUFFER_SIZE, INITIAL_BUFFER_SIZE
+from .codec import DEFAULT_BUFFER_SIZE, ChunkReceiveBuffer
 from .errors import ConfigError, DecryptError, ProtocolError
 
 __all__ = [
@@ -588,7 +588,7 @@ class _State(enum.Enum):
     FAILED = "failed"
 
 
-class _ChunkDecoder:
+class _ChunkDecoder(ChunkReceiveBuffer):
     """A StreamDecoder that owns its receive buffer and reads fixed-size steps (``_need`` bytes
     for the current ``_state``); subclasses say what each step is."""
 
@@ -597,10 +597,7 @@ class _ChunkDecoder:
     def __init__(
         self, aead: AeadFactory, key: bytes, salt_size: int, header_size: int, capacity: int, clock: Clock
     ) -> None:
-        # As relay.aead: start small, grow to fit the chunk being read, double whenever a receive
-        # fills what was offered, up to ``capacity``.
-        self._capacity = max(capacity, MAX_PAYLOAD + TAG_SIZE + salt_size + header_size)
-        self._filled = False
+        self._init_buffer(max(capacity, MAX_PAYLOAD + TAG_SIZE + salt_size + header_size))
         self._aead_factory = aead
         self._key = key
         self._salt_size = salt_size
@@ -609,10 +606,6 @@ class _ChunkDecoder:
         self._nonce = 0
         self._state = _State.HEADER
         self._need = salt_size + header_size
-        self._buf = memoryview(bytearray(INITIAL_BUFFER_SIZE))
-        self._out = memoryview(bytearray(INITIAL_BUFFER_SIZE))
-        self._start = 0
-        self._end = 0
         self.salt: bytes | None = None
         """This stream's salt, once its fixed header authenticated."""
         self.session_key: bytes | None = None
@@ -621,27 +614,12 @@ class _ChunkDecoder:
     def recv_buffer(self) -> memoryview:
         if self._state is _State.FAILED:
             raise ProtocolError(f"{self._what} already failed")
-        buf, start, end, needed = self._buf, self._start, self._end, self._need
-        size = len(buf)
-        if self._filled and size < self._capacity:
-            size = min(2 * size, self._capacity)
-        size = max(size, needed)
-        if size > len(buf):
-            grown = memoryview(bytearray(size))
-            grown[: end - start] = buf[start:end]
-            self._buf, self._out = grown, memoryview(bytearray(size))
-            self._start, self._end = 0, end - start
-        elif start and (len(buf) - start < needed or len(buf) - end < len(buf) // 4):
-            buf[: end - start] = buf[start:end]  # move the partial step to the front
-            self._start, self._end = 0, end - start
-        self._filled = False
-        return self._buf[self._end :]
+        return self._offer(self._need)
 
     def received(self, nbytes: int) -> memoryview:
         if self._state is _State.FAILED:
             raise ProtocolError(f"{self._what} already failed")
-        self._filled = self._end + nbytes == len(self._buf)
-        end = self._end = self._end + nbytes
+        end = self._took(nbytes)
         pos = self._start
         buf, out = self._buf, self._out
         produced = 0
@@ -669,18 +647,6 @@ class _ChunkDecoder:
             return
         if self._end != self._start or state not in (_State.HEADER, _State.LENGTH):
             raise ProtocolError(f"{self._what} ended inside its {state.value}")
-
-    def decrypt(self, data: bytes) -> bytes:
-        """Feed ``data`` and return every plaintext byte it completes (a copy)."""
-        result = bytearray()
-        view = memoryview(data)
-        while view:
-            buf = self.recv_buffer()
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            view = view[n:]
-            result += self.received(n)
-        return bytes(result)
 
     # -- steps
 

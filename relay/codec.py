@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .address import Address
 
-__all__ = ["StreamDecoder", "StreamEncoder", "DatagramCodec", "Cipher", "PlainDecoder", "DEFAULT_BUFFER_SIZE", "INITIAL_BUFFER_SIZE"]
+__all__ = ["StreamDecoder", "StreamEncoder", "DatagramCodec", "Cipher", "PlainDecoder", "ChunkReceiveBuffer", "DEFAULT_BUFFER_SIZE", "INITIAL_BUFFER_SIZE"]
 
 DEFAULT_BUFFER_SIZE = 256 * 1024
 
@@ -76,6 +76,67 @@ class Cipher(Protocol):
 
 
 INITIAL_BUFFER_SIZE = 4 * 1024
+
+
+class ChunkReceiveBuffer:
+    """The receive buffer of a decoder that reads whole chunks (relay.aead, relay.aead2022).
+
+    It starts small (an idle session holds little), grows to fit the chunk being read, and
+    doubles whenever a receive fills what was offered, up to ``capacity``. A partial chunk moves
+    to the front when the space behind it runs short. ``_out`` (plaintext) is as large as
+    ``_buf``. Subclasses call ``_offer(needed)`` from ``recv_buffer`` and ``_took(nbytes)`` first
+    in ``received``; ``decrypt`` drives them both.
+    """
+
+    def _init_buffer(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._filled = False
+        self._buf = memoryview(bytearray(INITIAL_BUFFER_SIZE))
+        self._out = memoryview(bytearray(INITIAL_BUFFER_SIZE))
+        self._start = 0
+        self._end = 0
+
+    def _offer(self, needed: int) -> memoryview:
+        """Free space after the received bytes, room enough for ``needed`` from ``_start``."""
+        buf, start, end = self._buf, self._start, self._end
+        size = len(buf)
+        if self._filled and size < self._capacity:
+            size = min(2 * size, self._capacity)
+        size = max(size, needed)
+        if size > len(buf):
+            grown = memoryview(bytearray(size))
+            grown[: end - start] = buf[start:end]
+            self._buf, self._out = grown, memoryview(bytearray(size))
+            self._start, self._end = 0, end - start
+        elif start and (len(buf) - start < needed or len(buf) - end < len(buf) // 4):
+            buf[: end - start] = buf[start:end]  # move the partial chunk to the front
+            self._start, self._end = 0, end - start
+        self._filled = False
+        return self._buf[self._end :]
+
+    def _took(self, nbytes: int) -> int:
+        """Record a receive of ``nbytes`` into the offered space; the new end."""
+        self._filled = self._end + nbytes == len(self._buf)
+        self._end += nbytes
+        return self._end
+
+    def recv_buffer(self) -> memoryview:
+        raise NotImplementedError
+
+    def received(self, nbytes: int) -> memoryview:
+        raise NotImplementedError
+
+    def decrypt(self, data: bytes) -> bytes:
+        """Feed ``data`` and return every plaintext byte it completes (a copy)."""
+        result = bytearray()
+        view = memoryview(data)
+        while view:
+            buf = self.recv_buffer()
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            result += self.received(n)
+        return bytes(result)
 
 
 class PlainDecoder:
