@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import shutil
 import socketserver
+import ssl
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +23,38 @@ from relay.testing import make_config, serve_in_thread, start_relay
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors" / "shadowsocks.json"  # a copy of shared/vectors: CI has only the repo
 METHODS = ("aes-128-gcm", "aes-256-gcm", "chacha20-ietf-poly1305")
+
+
+@contextlib.contextmanager
+def http_server(handler: type[http.server.BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None) -> Iterator[int]:
+    """An HTTP(S) origin on loopback for the life of the block; yields its port."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def body_handler(body: bytes) -> type[http.server.BaseHTTPRequestHandler]:
+    """A quiet HTTP handler that answers every GET with ``body``."""
+
+    class Body(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Body
 
 
 class EchoHandler(socketserver.BaseRequestHandler):

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import re
 import signal
 import socket
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import find_binary, relay_command, subprocess_env
+from conftest import body_handler, find_binary, http_server, relay_command, subprocess_env
 
 from relay import Address
 from relay.testing import free_port, process_output, recv_until_eof, running_process, socks5_connect
@@ -29,28 +26,8 @@ def relay_process(*args: str, port: int, stdout: int | None = None):
     return running_process([*relay_command(), *args], port=port, env=subprocess_env(), stdout=stdout)
 
 
-@contextlib.contextmanager
-def web_server() -> Iterator[int]:
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            body = b"hello from the web server\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+def web_server() -> contextlib.AbstractContextManager[int]:
+    return http_server(body_handler(b"hello from the web server\n"))
 
 
 def test_help_and_version():

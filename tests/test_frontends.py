@@ -10,13 +10,11 @@ import json
 import socket
 import ssl
 import subprocess
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import find_binary, relay_command, relay_pair, subprocess_env
+from conftest import find_binary, http_server, relay_command, relay_pair, subprocess_env
 from relay import Address
 from relay.testing import free_port, make_config, process_output, recv_until_eof, running_process, socks5_connect, start_relay
 
@@ -47,19 +45,8 @@ class Origin(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
-def origin(tls: ssl.SSLContext | None = None) -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+def origin(tls: ssl.SSLContext | None = None) -> contextlib.AbstractContextManager[int]:
+    return http_server(Origin, tls)
 
 
 def curl(*args: str) -> subprocess.CompletedProcess:
@@ -160,8 +147,6 @@ def test_mixed_port_speaks_socks5_and_http(pm, echo_target):
 
 def test_several_front_ends_from_one_config(tmp_path: Path, pm):
     """A mixed port, a tunnel and an HTTP port sharing one server definition, from one file."""
-    from relay.testing import make_config as _  # noqa: F401 - the remote runs in-process
-
     with origin() as web_port, start_relay(make_config("remote", pm, password="shared", allow_private=True), pm) as remote:
         mixed, tunnel, http_port = free_port(), free_port(), free_port()
         config = {

@@ -7,14 +7,13 @@ import os
 import resource
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from conftest import relay_command, relay_pair, subprocess_env
-from relay.testing import free_port, make_config, recv_until_eof, running_process, socks5_connect, start_relay, wait_until
+from relay.testing import free_port, make_config, recv_until_eof, socks5_connect, start_relay, wait_until
 from relay.threads import shared_pool
 from test_pair import exchange
 

@@ -4,13 +4,12 @@ and `relay url` printing the URL of a remote, checked against shadowsocks-libev.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import subprocess
-import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import find_binary, relay_command, subprocess_env
+from conftest import body_handler, find_binary, http_server, relay_command, subprocess_env
 from relay import Address
 from relay.testing import free_port, make_config, recv_exactly, running_process, socks5_connect, start_relay
 from test_pair import exchange
@@ -64,26 +63,9 @@ def test_server_url_in_config_and_its_errors(pm):
 
 
 @contextlib.contextmanager
-def served_file(body: bytes):
-    class One(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), One)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/servers.json"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+def served_file(body: bytes) -> Iterator[str]:
+    with http_server(body_handler(body)) as port:
+        yield f"http://127.0.0.1:{port}/servers.json"
 
 
 def test_sip008_server_list_from_a_file_and_a_url(tmp_path: Path, pm, echo_target):
