@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
+import functools
 import hashlib
 import importlib.util
 import json
@@ -79,7 +80,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import udp as udp_bench  # bench/udp.py: the paced senders and the UDP sink
-from throughput import PASSWORD, STARTUP_TIMEOUT, Proc, libev_version
+from throughput import PASSWORD, STARTUP_TIMEOUT, Proc, collect_reports, libev_version, machine_info
 
 from relay.testing import free_port, singbox_binary, stop_process
 
@@ -575,10 +576,7 @@ class Pairs:
             *remote_workers,
         ]
         remote = Proc(self._name(f"{tag}-remote"), remote_argv, self.logdir, cwd=self.logdir)
-        pair = Pair(impl, method, local_port, None, remote, workers)
-        try:
-            wait_ready(remote, remote_port)
-            local_argv = [
+        local_argv = [
                 *relay,
                 "local",
                 "--listen",
@@ -592,22 +590,15 @@ class Pairs:
                 f"127.0.0.1:{target_port}",
                 *local_workers,
             ]
-            pair.local = Proc(self._name(f"{tag}-local"), local_argv, self.logdir, cwd=self.logdir)
-            wait_ready(pair.local, local_port)
-        except BaseException:
-            pair.stop()
-            raise
-        return pair
+        start_local = functools.partial(Proc, self._name(f"{tag}-local"), local_argv, self.logdir, cwd=self.logdir)
+        return _local_after_remote(Pair(impl, method, local_port, None, remote, workers), remote_port, start_local)
 
     def _start_libev(self, method: str, target_port: int, udp: bool) -> Pair:
         server_port, tunnel_port = free_port(), free_port()
         common = ["-k", password_for(method), "-m", method, *(["-u"] if udp else [])]
         server_argv = [self.binaries["ss-server"], "-s", "127.0.0.1", "-p", str(server_port), *common]
         remote = Proc(self._name(f"ss-server-{method}"), server_argv, self.logdir)
-        pair = Pair("libev", method, tunnel_port, None, remote)
-        try:
-            wait_ready(remote, server_port)
-            tunnel_argv = [
+        tunnel_argv = [
                 self.binaries["ss-tunnel"],
                 "-s",
                 "127.0.0.1",
@@ -621,12 +612,8 @@ class Pairs:
                 "-L",
                 f"127.0.0.1:{target_port}",
             ]
-            pair.local = Proc(self._name(f"ss-tunnel-{method}"), tunnel_argv, self.logdir)
-            wait_ready(pair.local, tunnel_port)
-        except BaseException:
-            pair.stop()
-            raise
-        return pair
+        start_local = functools.partial(Proc, self._name(f"ss-tunnel-{method}"), tunnel_argv, self.logdir)
+        return _local_after_remote(Pair("libev", method, tunnel_port, None, remote), server_port, start_local)
 
     def _start_singbox(self, method: str, target_port: int, udp: bool) -> Pair:
         """sing-box's own pair in tunnel mode: a server (shadowsocks inbound, direct outbound) and a
@@ -662,15 +649,21 @@ class Pairs:
         binary = self.binaries["sing-box"]
         run = [binary, "run", "-D", str(self.logdir), "-c"]
         remote = Proc(names[0], [*run, str(self.logdir / f"{names[0]}.json")], self.logdir)
-        pair = Pair("singbox", method, tunnel_port, None, remote)
-        try:
-            wait_ready(remote, server_port)
-            pair.local = Proc(names[1], [*run, str(self.logdir / f"{names[1]}.json")], self.logdir)
-            wait_ready(pair.local, tunnel_port)
-        except BaseException:
-            pair.stop()
-            raise
-        return pair
+        start_local = functools.partial(Proc, names[1], [*run, str(self.logdir / f"{names[1]}.json")], self.logdir)
+        return _local_after_remote(Pair("singbox", method, tunnel_port, None, remote), server_port, start_local)
+
+
+def _local_after_remote(pair: Pair, remote_port: int, start_local: Callable[[], Proc]) -> Pair:
+    """``pair``'s remote is starting: wait until it listens, then start the local and wait for it
+    too. Both are stopped if either fails."""
+    try:
+        wait_ready(pair.remote, remote_port)
+        pair.local = start_local()
+        wait_ready(pair.local, pair.port)
+    except BaseException:
+        pair.stop()
+        raise
+    return pair
 
 
 # --- conn: new connections per second -------------------------------------------------------------
@@ -829,22 +822,7 @@ def measure_conn(pair: Pair, echo: EchoTargets, args: argparse.Namespace, rep: i
         proc.start()
         sender.close()
         procs.append((proc, receiver))
-    results = []
-    try:
-        for proc, receiver in procs:
-            if not receiver.poll(args.conn_seconds + 30):
-                raise RuntimeError(f"conn client {proc.pid} did not report")
-            result = receiver.recv()
-            if "error" in result:
-                raise RuntimeError(f"conn client {proc.pid} failed: {result['error']}")
-            results.append(result)
-    finally:
-        for proc, receiver in procs:
-            receiver.close()
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+    results = collect_reports(procs, args.conn_seconds + 30, "conn client")
     after, target_after, host_after = pair.cpu(), echo.cpu(), host_cpu()
     count = sum(r["count"] for r in results)
     seconds = max(r["last"] for r in results) - start_at
@@ -1780,10 +1758,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "serve_echo"},
         "elapsed_s": elapsed,
         "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "libev": libev_version(binaries["ss-server"]) if "ss-server" in binaries else None,
+            **machine_info(binaries),
             "iperf3": _iperf3_version(binaries.get("iperf3")),
             "singbox": singbox_version(binaries.get("sing-box")),
         },

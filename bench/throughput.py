@@ -139,6 +139,39 @@ def run_target() -> int:
 # --- processes --------------------------------------------------------------------------------
 
 
+def collect_reports(procs: list, timeout: float, what: str) -> list[dict]:
+    """The one report each of ``procs`` ((process, receiving end of its pipe) pairs) sends, as
+    a dict with "error" when it failed; the processes are joined (killed if they hang) whatever
+    happens."""
+    results = []
+    try:
+        for proc, receiver in procs:
+            if not receiver.poll(timeout):
+                raise RuntimeError(f"{what} {proc.pid} did not report within {timeout:.0f} s")
+            result = receiver.recv()
+            if "error" in result:
+                raise RuntimeError(f"{what} {proc.pid} failed: {result['error']}")
+            results.append(result)
+    finally:
+        for proc, receiver in procs:
+            receiver.close()
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    return results
+
+
+def machine_info(binaries: dict[str, str]) -> dict:
+    """What a results file says of where it was measured."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "libev": libev_version(binaries["ss-server"]) if "ss-server" in binaries else None,
+    }
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
@@ -222,11 +255,16 @@ class Path_:
     local: Proc | None = None
     remote: Proc | None = None
 
+    def check(self) -> None:
+        for proc in (self.local, self.remote):
+            if proc is not None:
+                proc.check()
 
-def start_relay_pair(stack: ExitStack, logdir: Path, method: str, target_port: int) -> Path_:
+
+def start_relay_pair(stack: ExitStack, logdir: Path, method: str, target_port: int, udp: bool = False) -> Path_:
     relay = [sys.executable, "-m", "relay"]
     remote_port, local_port = free_port(), free_port()
-    common = ["--method", method, "--password", PASSWORD, "-q"]
+    common = ["--method", method, "--password", PASSWORD, *(["--udp"] if udp else []), "-q"]
     remote_argv = [*relay, "remote", "--listen", f"127.0.0.1:{remote_port}", *common, "--allow-private"]
     remote = Proc(f"relay-remote-{method}", remote_argv, logdir)
     stack.callback(remote.stop)
@@ -241,9 +279,11 @@ def start_relay_pair(stack: ExitStack, logdir: Path, method: str, target_port: i
     return Path_("relay", method, local_port, local, remote)
 
 
-def start_libev_pair(stack: ExitStack, logdir: Path, method: str, target_port: int, binaries: dict[str, str]) -> Path_:
+def start_libev_pair(
+    stack: ExitStack, logdir: Path, method: str, target_port: int, binaries: dict[str, str], udp: bool = False
+) -> Path_:
     server_port, tunnel_port = free_port(), free_port()
-    common = ["-k", PASSWORD, "-m", method]
+    common = ["-k", PASSWORD, "-m", method, *(["-u"] if udp else [])]
     remote = Proc(f"ss-server-{method}", [binaries["ss-server"], "-s", "127.0.0.1", "-p", str(server_port), *common], logdir)
     stack.callback(remote.stop)
     remote.wait_listening(server_port)
@@ -472,12 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": args.methods,
         "impls": args.impls,
         "elapsed_s": elapsed,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "libev": libev_version(binaries["ss-server"]) if binaries else None,
-        },
+        "machine": machine_info(binaries),
         "summary": rows,
         "samples": [{**asdict(s), "mb_per_s": s.mb_per_s} for s in samples],
     }

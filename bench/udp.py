@@ -43,7 +43,6 @@ import importlib.util
 import json
 import multiprocessing
 import os
-import platform
 import select
 import selectors
 import socket
@@ -58,9 +57,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import METHODS, PASSWORD, STARTUP_TIMEOUT, Proc, cpu_seconds, find_libev, libev_version
+from throughput import METHODS, STARTUP_TIMEOUT, Path_, _cpu, collect_reports, find_libev, machine_info, start_libev_pair, start_relay_pair
 
-from relay.testing import free_port, stop_process
+from relay.testing import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "udp.json"
@@ -262,78 +261,10 @@ def offer(port: int, run: int, rate_bps: float, seconds: float, senders: int) ->
         proc.start()
         conn.close()
         procs.append((proc, receiver))
-    results = []
-    try:
-        for proc, receiver in procs:
-            if not receiver.poll(seconds * 3 + 10):
-                raise RuntimeError(f"sender {proc.pid} did not report within {seconds * 3 + 10:.0f} s")
-            result = receiver.recv()
-            if "error" in result:
-                raise RuntimeError(f"sender {proc.pid} failed: {result['error']}")
-            results.append(result)
-    finally:
-        for proc, receiver in procs:
-            receiver.close()
-            proc.join(5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-    return results
+    return collect_reports(procs, seconds * 3 + 10, "sender")
 
 
 # --- paths --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Path_:
-    """Where the client sends for one (method, impl), and the processes to meter."""
-
-    impl: str
-    method: str
-    port: int
-    local: Proc | None = None
-    remote: Proc | None = None
-
-    def check(self) -> None:
-        for proc in (self.local, self.remote):
-            if proc is not None:
-                proc.check()
-
-
-def start_relay_pair(stack: ExitStack, logdir: Path, method: str, target_port: int) -> Path_:
-    relay = [sys.executable, "-m", "relay"]
-    remote_port, local_port = free_port(), free_port()
-    common = ["--method", method, "--password", PASSWORD, "--udp", "-q"]
-    remote_argv = [*relay, "remote", "--listen", f"127.0.0.1:{remote_port}", *common, "--allow-private"]
-    remote = Proc(f"relay-remote-{method}", remote_argv, logdir)
-    stack.callback(remote.stop)
-    remote.wait_listening(remote_port)
-    local_argv = [
-        *relay, "local", "--listen", f"127.0.0.1:{local_port}", "--server", f"127.0.0.1:{remote_port}", *common,
-        "--protocol", "tunnel", "--forward", f"127.0.0.1:{target_port}",
-    ]  # fmt: skip
-    local = Proc(f"relay-local-{method}", local_argv, logdir)
-    stack.callback(local.stop)
-    local.wait_listening(local_port)
-    return Path_("relay", method, local_port, local, remote)
-
-
-def start_libev_pair(stack: ExitStack, logdir: Path, method: str, target_port: int, binaries: dict[str, str]) -> Path_:
-    server_port, tunnel_port = free_port(), free_port()
-    common = ["-k", PASSWORD, "-m", method, "-u"]
-    remote = Proc(
-        f"ss-server-{method}", [binaries["ss-server"], "-s", "127.0.0.1", "-p", str(server_port), *common], logdir
-    )
-    stack.callback(remote.stop)
-    remote.wait_listening(server_port)
-    tunnel_argv = [
-        binaries["ss-tunnel"], "-s", "127.0.0.1", "-p", str(server_port), "-b", "127.0.0.1", "-l", str(tunnel_port),
-        *common, "-L", f"127.0.0.1:{target_port}",
-    ]  # fmt: skip
-    local = Proc(f"ss-tunnel-{method}", tunnel_argv, logdir)
-    stack.callback(local.stop)
-    local.wait_listening(tunnel_port)
-    return Path_("libev", method, tunnel_port, local, remote)
 
 
 # --- latency ----------------------------------------------------------------------------------
@@ -465,10 +396,6 @@ def udp_rcvbuf_errors() -> int | None:
         return int(lines[1][lines[0].index("RcvbufErrors")])
     except (OSError, IndexError, ValueError):
         return None
-
-
-def _cpu(path: Path_) -> tuple[float | None, float | None]:
-    return (cpu_seconds(path.local.pid) if path.local else None, cpu_seconds(path.remote.pid) if path.remote else None)
 
 
 def measure_throughput(
@@ -659,9 +586,9 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             for impl in args.impls:
                 if impl == "relay":
-                    paths[method, impl] = start_relay_pair(stack, logdir, method, target.port)
+                    paths[method, impl] = start_relay_pair(stack, logdir, method, target.port, udp=True)
                 elif impl == "libev":
-                    paths[method, impl] = start_libev_pair(stack, logdir, method, target.port, binaries)
+                    paths[method, impl] = start_libev_pair(stack, logdir, method, target.port, binaries, udp=True)
                 else:
                     paths[method, impl] = Path_("direct", method, target.port)
         for path in paths.values():
@@ -717,12 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": args.methods,
         "impls": args.impls,
         "elapsed_s": elapsed,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "libev": libev_version(binaries["ss-server"]) if binaries else None,
-        },
+        "machine": machine_info(binaries),
         "summary": rows,
         "latency_samples": [asdict(s) for s in latency],
         "throughput_samples": [asdict(s) for s in throughput],
