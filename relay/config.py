@@ -144,21 +144,32 @@ class Config:
 def load_file(path: str) -> dict[str, Any]:
     """Read a JSON config file; ConfigError with the path and the line on any problem."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    return parse_json_object(data, f"config file {path}")
+
+
+def parse_json_object(data: bytes | str, where: str) -> dict[str, Any]:
+    """A JSON object from UTF-8 text (a BOM allowed); ConfigError, naming ``where`` and the line,
+    for anything else."""
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            data = bytes(data).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where} is not UTF-8 text") from None
+    try:
+        document = json.loads(data.removeprefix("\ufeff"))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
-        raise ConfigError(f"config file {path} is not valid JSON: nested too deeply") from None
+        raise ConfigError(f"{where} is not valid JSON: nested too deeply") from None
     except ValueError as e:  # e.g. an integer longer than Python converts
-        raise ConfigError(f"config file {path} is not usable JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object")
-    return data
+        raise ConfigError(f"{where} is not usable JSON: {e}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{where} must hold a JSON object")
+    return document
 
 
 def build_configs(

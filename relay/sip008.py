@@ -28,7 +28,6 @@ raises ConfigError with one line that never quotes a password.
 from __future__ import annotations
 
 import http.client
-import json
 import logging
 import time
 import urllib.error
@@ -38,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .address import Address
+from .config import parse_json_object
 from .errors import ConfigError
 from .ssurl import ServerSpec, check_host
 
@@ -55,21 +55,7 @@ log = logging.getLogger("relay")
 def parse_server_list(data: bytes | str, source: str) -> list[ServerSpec]:
     """The servers of an SIP008 document, in its order; ``source`` names it in error messages."""
     where = f"server list {source}"
-    if isinstance(data, (bytes, bytearray)):
-        try:
-            data = bytes(data).decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{where} is not UTF-8 text") from None
-    try:
-        document = json.loads(data.removeprefix("\ufeff"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except RecursionError:
-        raise ConfigError(f"{where} is not valid JSON: nested too deeply") from None
-    except ValueError as e:  # e.g. an integer longer than Python converts
-        raise ConfigError(f"{where} is not usable JSON: {e}") from None
-    if not isinstance(document, dict):
-        raise ConfigError(f"{where} must hold a JSON object")
+    document = parse_json_object(data, where)
     version = document.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version != 1:
         shown = "missing" if "version" not in document else f"{version!r}"
