@@ -651,6 +651,16 @@ class _ChunkDecoder(ChunkReceiveBuffer):
     # -- steps
 
     def _step(self, chunk: memoryview, out: memoryview, produced: int) -> int:
+        state = self._state
+        if state is _State.PAYLOAD:
+            return self._payload_step(chunk, out, produced)
+        if state is _State.LENGTH:
+            self._length_step(chunk)
+            return produced
+        return self._header_step(chunk, out, produced)
+
+    def _header_step(self, chunk: memoryview, out: memoryview, produced: int) -> int:
+        """A step of the headers (state HEADER, or a subclass's own), which sets the next."""
         raise NotImplementedError
 
     def _open_session(self, chunk: memoryview, fixed: bytearray) -> None:
@@ -735,13 +745,8 @@ class RequestDecoder(_ChunkDecoder):
     def request_salt(self) -> bytes | None:
         return self.salt
 
-    def _step(self, chunk: memoryview, out: memoryview, produced: int) -> int:
-        state = self._state
-        if state is _State.PAYLOAD:
-            return self._payload_step(chunk, out, produced)
-        if state is _State.LENGTH:
-            self._length_step(chunk)
-        elif state is _State.HEADER:
+    def _header_step(self, chunk: memoryview, out: memoryview, produced: int) -> int:
+        if self._state is _State.HEADER:
             fixed = bytearray(_FIXED_REQUEST)
             self._open_session(chunk, fixed)
             kind, timestamp, length = struct.unpack(">BQH", fixed)
@@ -807,23 +812,17 @@ class ResponseDecoder(_ChunkDecoder):
         self.request_salt = bytes(request_salt)
         self.timestamp: int | None = None
 
-    def _step(self, chunk: memoryview, out: memoryview, produced: int) -> int:
-        state = self._state
-        if state is _State.PAYLOAD:
-            return self._payload_step(chunk, out, produced)
-        if state is _State.LENGTH:
-            self._length_step(chunk)
-        else:  # HEADER
-            size = self._salt_size
-            fixed = bytearray(1 + 8 + size + 2)
-            self._open_session(chunk, fixed)
-            kind, timestamp = struct.unpack_from(">BQ", fixed)
-            _check_type(kind, HeaderType.SERVER, "response")
-            _check_timestamp(timestamp, self._clock(), "response")
-            if not hmac.compare_digest(bytes(fixed[9 : 9 + size]), self.request_salt):
-                raise ProtocolError("response header echoes another request salt (not the answer to this request)")
-            self.timestamp = timestamp
-            self._state, self._need = _State.PAYLOAD, int.from_bytes(fixed[9 + size :], "big") + TAG_SIZE
+    def _header_step(self, chunk: memoryview, out: memoryview, produced: int) -> int:
+        size = self._salt_size
+        fixed = bytearray(1 + 8 + size + 2)
+        self._open_session(chunk, fixed)
+        kind, timestamp = struct.unpack_from(">BQ", fixed)
+        _check_type(kind, HeaderType.SERVER, "response")
+        _check_timestamp(timestamp, self._clock(), "response")
+        if not hmac.compare_digest(bytes(fixed[9 : 9 + size]), self.request_salt):
+            raise ProtocolError("response header echoes another request salt (not the answer to this request)")
+        self.timestamp = timestamp
+        self._state, self._need = _State.PAYLOAD, int.from_bytes(fixed[9 + size :], "big") + TAG_SIZE
         return produced
 
 
