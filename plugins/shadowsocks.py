@@ -31,7 +31,6 @@ and the local's upstreams.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import threading
 import time
@@ -51,13 +50,15 @@ from relay import (
     RelayHandler,
     Session,
     hookimpl,
+    nonblocking,
 )
+from relay.server import Handshake, Ready
 from relay.address import decode_address, encode_address
 from relay.aead import Aead2017Cipher
 from relay.aead2022 import CIPHERS as CIPHERS_2022
 from relay.aead2022 import PskChain, ReplayError, SaltStore
 from relay.codec import DatagramCodec, StreamDecoder
-from relay.net import connect_tcp
+from relay.net import connect_tcp, start_connect
 from relay.replay import SaltFilter
 from relay.udp import MAX_DATAGRAM, DatagramHandler, udp_socket
 
@@ -157,125 +158,96 @@ def replay_guard(config: Config) -> ReplayGuard:
 
 
 class _Replayed(ProtocolError):
-    """A first flight whose salt the remote remembers."""
+    """A first flight whose salt the remote remembers (logged when found: a WARNING line)."""
+
+    reported = True
 
 
-# What a refused peer sends is read into this and dropped: every draining session shares it,
-# so a draining session costs its socket and its thread, not a buffer.
-_DISCARD = bytearray(64 * 1024)
 _OWN_SALT_TRIES = 4  # a fresh salt taken for a remembered one: its 64-bit fingerprint matched, ~1e-13 a try
 
 
 class ShadowsocksHandler(RelayHandler):
     """The remote's front-end: authenticate the first flight, check its salt, relay.
 
-    One deadline, ``session.started + handshake_timeout``, covers the target header and the
-    refusal of anything else alike, so when a refused connection closes says nothing about how
-    many bytes it took to fail (see the module docstring).
+    Its handshake (FirstFlight) drains what it refuses: one deadline, ``session.started +
+    handshake_timeout``, covers the target header and the refusal of anything else alike, so
+    when a refused connection closes says nothing about how many bytes it took to fail (see the
+    module docstring).
     """
 
-    def handle(self) -> None:
-        config = self.session.config
+    @classmethod
+    def handshake(cls, session: Session) -> FirstFlight:
+        return FirstFlight(session)
+
+
+class FirstFlight(Handshake):
+    """A client's first flight, sans-I/O: ready once the target header has authenticated and
+    the salt was found fresh. ProtocolError for whatever is not a fresh client flight."""
+
+    drain_on_failure = True
+
+    def __init__(self, session: Session) -> None:
+        config = session.config
         assert config.cipher is not None
-        deadline = self.session.started + config.handshake_timeout
-        try:
-            decryptor, target, early = self._read_first_flight(deadline)
-        except ProtocolError as e:
-            failure, replayed = str(e), isinstance(e, _Replayed)
-        except TimeoutError:
-            self._discard_pending()  # the deadline: close now, with a FIN (nothing left unread)
-            raise
+        self.session = session
+        self.cipher = config.cipher
+        self.headed = _headed(config.cipher)
+        if self.headed:
+            # SIP022: the cipher's decoder checks the request headers (type, timestamp, padding)
+            # and records the salt in the 60-second store once they authenticated.
+            self.decoder = config.cipher.request_decoder(config.key, salts=replay_guard(session.server.config).salts_2022)  # type: ignore[attr-defined]
         else:
-            failure = None
-        if failure is not None:
-            # Outside the except block: the failed decryptor and its buffers are freed before
-            # the connection waits out its deadline.
-            self._drain(deadline)
-            # A replay was logged when it was found (one WARNING line): the session's end line is INFO.
-            raise (RelayError if replayed else ProtocolError)(f"refused: {failure}")
-        upstream = self.open_upstream(target)
-        if _headed(config.cipher):
-            # The request's own key: a multi-user remote (SIP023) answers with the user's.
-            encoder = config.cipher.response_encoder(decryptor.session_key, decryptor.request_salt)  # type: ignore[union-attr, attr-defined]
-            if decryptor.user is not None:  # type: ignore[attr-defined]
-                log.debug("%s: user %s", self.session, decryptor.user)  # type: ignore[attr-defined]
-        else:
-            encoder = self._encryptor()
-        self.relay(upstream, decoder=decryptor, encoder=encoder, early=early)
+            self.decoder = config.cipher.decryptor(config.key)
+        self.plaintext = bytearray()
+        self.salt_checked = False
 
-    def _read_first_flight(self, deadline: float) -> tuple[StreamDecoder, Address, bytes]:
-        """Read until the target header is whole; check the salt once the first chunk
-        authenticates. ProtocolError for whatever is not a fresh client flight."""
-        config = self.session.config
-        if _headed(config.cipher):
-            return self._read_request(deadline)
-        conn = self.request
-        decryptor = config.cipher.decryptor(config.key)  # type: ignore[union-attr]
-        plaintext = bytearray()
-        salt_checked = False
-        while (parsed := decode_address(plaintext)) is None:
-            conn.settimeout(max(deadline - time.monotonic(), 0.001))
-            n = conn.recv_into(decryptor.recv_buffer())
-            if not n:
-                decryptor.eof()
-                raise ProtocolError("closed before sending a target")
-            data = decryptor.received(n)
-            if data and not salt_checked:
-                # The first chunk, length and payload, has authenticated: only now is the salt
-                # recorded, so a truncated copy sent ahead of the real client cannot block it.
-                salt_checked = True
-                self._check_salt(getattr(decryptor, "salt", None))
-            plaintext += data
-        target, end = parsed
-        return decryptor, target, bytes(plaintext[end:])
+    def recv_buffer(self) -> memoryview:
+        return self.decoder.recv_buffer()
 
-    def _read_request(self, deadline: float) -> tuple[StreamDecoder, Address, bytes]:
-        """SIP022: the cipher's decoder checks the request headers (type, timestamp, padding)
-        and records the salt in the 60-second store once they authenticated."""
-        config = self.session.config
-        conn = self.request
-        decoder = config.cipher.request_decoder(config.key, salts=replay_guard(self.server.config).salts_2022)  # type: ignore[union-attr]
-        early = bytearray()
-        try:
-            while decoder.target is None:
-                conn.settimeout(max(deadline - time.monotonic(), 0.001))
-                n = conn.recv_into(decoder.recv_buffer())
-                if not n:
-                    decoder.eof()
-                    raise ProtocolError("closed before sending a target")
-                early += decoder.received(n)
-        except ReplayError as e:
-            self._count_replay()
-            raise _Replayed(str(e)) from None
-        return decoder, decoder.target, bytes(early)
+    def eof(self) -> None:
+        self.decoder.eof()
+        raise ProtocolError("closed before sending a target")
 
-    def _count_replay(self) -> int:
-        server = self.server
-        with _count_lock:
-            count = server.data["shadowsocks.replays"] = server.data.get("shadowsocks.replays", 0) + 1
-        log.warning(
-            "%s: first flight refused as a probe: its salt was seen before (a replayed or reflected flight); "
-            "%d on %s so far",
-            self.session,
-            count,
-            server.address,
-        )
-        return count
+    def received(self, nbytes: int) -> None:
+        decoder = self.decoder
+        if self.headed:
+            try:
+                self.plaintext += decoder.received(nbytes)
+            except ReplayError as e:
+                _count_replay(self.session)
+                raise _Replayed(str(e)) from None
+            if decoder.target is not None:  # type: ignore[attr-defined]
+                # The request's own key: a multi-user remote (SIP023) answers with the user's.
+                encoder = self.cipher.response_encoder(decoder.session_key, decoder.request_salt)  # type: ignore[attr-defined]
+                if decoder.user is not None:  # type: ignore[attr-defined]
+                    log.debug("%s: user %s", self.session, decoder.user)  # type: ignore[attr-defined]
+                self.ready = Ready(decoder.target, decoder, encoder, bytes(self.plaintext))  # type: ignore[attr-defined]
+            return
+        data = decoder.received(nbytes)
+        if data and not self.salt_checked:
+            # The first chunk, length and payload, has authenticated: only now is the salt
+            # recorded, so a truncated copy sent ahead of the real client cannot block it.
+            self.salt_checked = True
+            self._check_salt(getattr(decoder, "salt", None))
+        self.plaintext += data
+        parsed = decode_address(self.plaintext)
+        if parsed is not None:
+            target, end = parsed
+            self.ready = Ready(target, decoder, self._encryptor(), bytes(self.plaintext[end:]))
 
     def _check_salt(self, salt: bytes | None) -> None:
         if salt is None:
             return  # a cipher without salts: nothing to remember
-        server = self.server
-        if replay_guard(server.config).filter("tcp").add_if_new(salt):
+        if replay_guard(self.session.server.config).filter("tcp").add_if_new(salt):
             return
-        self._count_replay()
+        _count_replay(self.session)
         raise _Replayed("salt seen before (a replayed or reflected flight)")
 
     def _encryptor(self) -> Any:
         """The encryptor of the answer, its salt recorded before any of it is sent: that flight
         sent back at this remote is refused like a replay."""
         config = self.session.config
-        salts = replay_guard(self.server.config).filter("tcp")
+        salts = replay_guard(self.session.server.config).filter("tcp")
         for _ in range(_OWN_SALT_TRIES):
             encryptor = config.cipher.encryptor(config.key)  # type: ignore[union-attr]
             salt = getattr(encryptor, "salt", None)
@@ -283,45 +255,19 @@ class ShadowsocksHandler(RelayHandler):
                 return encryptor
         raise RelayError("no fresh salt after several tries: is the random source broken?")
 
-    def _drain(self, deadline: float) -> None:
-        """Say nothing to a refused peer: read and discard until the deadline. After its EOF,
-        wait out the deadline all the same; only a reset (the peer is gone) ends it sooner."""
-        conn = self.request
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                conn.settimeout(left)
-                if not conn.recv_into(_DISCARD):
-                    _wait_for_reset(conn, deadline)
-                    return
-        except TimeoutError:
-            self._discard_pending()
-        except OSError:
-            return
 
-    def _discard_pending(self) -> None:
-        """Read what has arrived already, without waiting, so that closing sends a FIN: a
-        socket closed with unread bytes sends a reset, which would tell the prober something."""
-        conn = self.request
-        try:
-            conn.setblocking(False)
-            for _ in range(64):
-                if not conn.recv_into(_DISCARD):
-                    return
-        except OSError:
-            return
-
-
-def _wait_for_reset(conn: socket.socket, deadline: float) -> None:
-    """Sleep until ``deadline`` unless the peer resets: poll for nothing but the errors and
-    hang-ups that poll always reports (the peer's FIN alone reports neither)."""
-    if not hasattr(select, "poll"):
-        time.sleep(max(deadline - time.monotonic(), 0))
-        return
-    poller = select.poll()
-    poller.register(conn, 0)
-    while (left := deadline - time.monotonic()) > 0:
-        if poller.poll(max(1, int(left * 1000 + 0.999))):
-            return
+def _count_replay(session: Session) -> int:
+    server = session.server
+    with _count_lock:
+        count = server.data["shadowsocks.replays"] = server.data.get("shadowsocks.replays", 0) + 1
+    log.warning(
+        "%s: first flight refused as a probe: its salt was seen before (a replayed or reflected flight); "
+        "%d on %s so far",
+        session,
+        count,
+        server.address,
+    )
+    return count
 
 
 class ShadowsocksDatagramHandler(DatagramHandler):
@@ -450,17 +396,28 @@ def relay_register_handlers() -> list[HandlerSpec]:
 
 
 @hookimpl
-def relay_open_upstream(session: Session, target: Address) -> Endpoint | None:
+@nonblocking
+def relay_open_upstream(session: Session, target: Address, evented: bool) -> Endpoint | None:
     config = session.config
     if config.role != "local" or config.server is None or config.cipher is None:
         return None
-    sock = connect_tcp(config.server, config.connect_timeout)
+    if evented:
+        sock, connecting = start_connect(config.server), True
+    else:
+        sock, connecting = connect_tcp(config.server, config.connect_timeout), False
     if _headed(config.cipher):
         # The request encoder takes the target from the start of its first input: the first flight.
         encoder, decoder = config.cipher.client_stream(config.key)  # type: ignore[attr-defined]
     else:
         encoder, decoder = config.cipher.encryptor(config.key), config.cipher.decryptor(config.key)
-    return Endpoint(sock, decoder=decoder, encoder=encoder, first_flight=encode_address(target))
+    return Endpoint(
+        sock,
+        decoder=decoder,
+        encoder=encoder,
+        first_flight=encode_address(target),
+        connecting=connecting,
+        connect_timeout=config.connect_timeout,
+    )
 
 
 @hookimpl

@@ -3,16 +3,19 @@ fixed target; answers to a datagram go back to its sender."""
 
 from __future__ import annotations
 
-from relay import HandlerSpec, RelayHandler, hookimpl
+from relay import Handshake, HandlerSpec, Ready, RelayHandler, Session, hookimpl
 from relay.udp import DatagramHandler
 
 
 class TunnelHandler(RelayHandler):
-    def handle(self) -> None:
-        target = self.session.config.forward
+    @classmethod
+    def handshake(cls, session: Session) -> Handshake:
+        target = session.config.forward
         if target is None:
             raise ValueError("the tunnel handler needs config.forward")
-        self.relay(self.open_upstream(target))
+        handshake = Handshake()
+        handshake.ready = Ready(target)  # nothing to read: the target is the configured one
+        return handshake
 
 
 class TunnelDatagramHandler(DatagramHandler):

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 from .address import Address
 from .config import Config
 from .endpoint import Endpoint
-from .errors import ConfigError, DecryptError, ProtocolError, RelayError, Socks5Error, TargetRefused
-from .hookspecs import HandlerSpec, hookimpl, hookspec
-from .server import RelayHandler
+from .errors import ConfigError, DecryptError, ProtocolError, RelayError, Socks5Error, TargetRefused, WouldBlock
+from .hookspecs import HandlerSpec, hookimpl, hookspec, nonblocking
+from .server import Handshake, Ready, RelayHandler
 from .session import Session
 
 __all__ = [
@@ -21,15 +21,19 @@ __all__ = [
     "Address",
     "Config",
     "RelayHandler",
+    "Handshake",
+    "Ready",
     "Endpoint",
     "HandlerSpec",
     "Session",
     "hookimpl",
     "hookspec",
+    "nonblocking",
     "RelayError",
     "ConfigError",
     "TargetRefused",
     "ProtocolError",
     "Socks5Error",
     "DecryptError",
+    "WouldBlock",
 ]

@@ -7,6 +7,7 @@ one line on stderr and exit status 2; SIGINT and SIGTERM stop the relays and exi
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import secrets
@@ -376,6 +377,9 @@ def _serve_here(pm: RelayPluginManager, configs: list[Config]) -> int:
     with _stopping(runner):
         for config in configs:
             runner.start(config)
+        # What startup made (modules, plugins, configs, replay filters) lives as long as the
+        # process: keep the cyclic collector from walking it again on every full collection.
+        gc.freeze()
         _wait_for_signal()
     return 0
 

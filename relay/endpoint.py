@@ -20,9 +20,14 @@ class Endpoint:
     before it is sent on ``sock`` (``None``: plain bytes). ``first_flight`` is plaintext that must
     go out on ``sock`` before anything else; the pump sends it together with the first data from
     the other side when that arrives promptly (a Shadowsocks client's target header).
-    ``bound`` is the address the outgoing connection is bound to, when a plugin knows better than
-the socket's own (a SOCKS5 reply names it). ``on_close``
-    runs once after the pump closed ``sock``.
+    ``bound`` is the address the outgoing connection is bound to, when a plugin knows better
+    than the socket's own (a SOCKS5 reply names it). ``on_close`` runs once after the pump
+    closed ``sock``.
+
+    ``connecting``: ``sock`` is non-blocking and its connect is still in progress (an upstream
+    opened from the event loop, see ``relay_open_upstream``); the pump waits up to
+    ``connect_timeout`` seconds for it to complete before moving anything, and a failed connect
+    ends the session with the connect's error.
     """
 
     sock: socket.socket
@@ -31,6 +36,8 @@ the socket's own (a SOCKS5 reply names it). ``on_close``
     first_flight: bytes | None = None
     bound: Address | None = None
     on_close: Callable[[], None] | None = field(default=None, repr=False)
+    connecting: bool = False
+    connect_timeout: float = 10.0
 
     def close(self) -> None:
         """Close the socket and run ``on_close``, once."""

@@ -14,6 +14,7 @@ OSError stays OSError: it is translated once, where a socket is used (see relay.
 from __future__ import annotations
 
 __all__ = [
+    "WouldBlock",
     "RelayError",
     "ConfigError",
     "TargetRefused",
@@ -26,6 +27,11 @@ __all__ = [
 
 class RelayError(Exception):
     """Base class of every error relay raises on purpose."""
+
+
+class WouldBlock(RelayError):
+    """Raised by a ``relay.nonblocking`` hook implementation, called from the event loop, that
+    must block after all (a host name to resolve): relay calls it again from a thread."""
 
 
 class ConfigError(RelayError):

@@ -15,12 +15,21 @@ Two kinds of hooks:
 
 No hook runs per chunk of data: per-chunk work is done by the objects a hook returns (a cipher's
 encoder and decoder, an upstream's socket), which the pump calls directly.
+
+Where session hooks run. A front-end whose handshake is a sans-I/O object
+(``RelayHandler.handshake``: the tunnel and shadowsocks handlers) runs its sessions in relay's
+event loop, with no thread per connection, as long as every implementation of the session hooks
+it calls there is marked ``@relay.nonblocking``: a promise that it returns promptly, without
+waiting on the network, a resolver, or a lock held for long. An unmarked implementation is
+always called in a thread of relay's pool, where it may block; it only makes its relay's
+sessions costlier (an unmarked ``relay_session_started`` moves the whole session to a thread,
+an unmarked ``relay_target_chosen`` or ``relay_open_upstream`` the opening of the upstream).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import pluggy
 
@@ -41,7 +50,21 @@ ENTRY_POINT_GROUP = "relay.plugins"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-__all__ = ["hookspec", "hookimpl", "HandlerSpec", "ENTRY_POINT_GROUP"]
+__all__ = ["hookspec", "hookimpl", "nonblocking", "is_nonblocking", "HandlerSpec", "ENTRY_POINT_GROUP"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def nonblocking(function: _F) -> _F:
+    """Mark a session hook implementation that never blocks, so relay may call it from its
+    event loop (see the module docstring). Use it next to ``@hookimpl``, in either order."""
+    function.relay_nonblocking = True  # type: ignore[attr-defined]
+    return function
+
+
+def is_nonblocking(caller: Any) -> bool:
+    """Whether every implementation of a hook (``pm.hook.NAME``) is marked ``nonblocking``."""
+    return all(getattr(impl.function, "relay_nonblocking", False) for impl in caller.get_hookimpls())
 
 
 @dataclass(frozen=True)
@@ -120,8 +143,9 @@ def relay_session_started(session: Session) -> None:
     """A session was accepted (a stream, or a UDP association's first datagram);
     ``session.client`` is the peer's address.
 
-    Called in the session's own thread before its handler runs. Raising ends this session only
-    (the traceback is logged once).
+    Called before the session's handler runs: in the event loop when every implementation is
+    ``nonblocking`` and the handler has an evented handshake, else in the session's own thread.
+    Raising ends this session only (the traceback is logged once).
     """
 
 
@@ -136,8 +160,14 @@ def relay_target_chosen(session: Session, target: Address) -> None:
 
 
 @hookspec(firstresult=True)
-def relay_open_upstream(session: Session, target: Address) -> Endpoint | None:
+def relay_open_upstream(session: Session, target: Address, evented: bool) -> Endpoint | None:
     """Open the connection the session's bytes go to, and return it as a ``relay.Endpoint``.
+
+    ``evented`` is True only for ``nonblocking`` implementations called from the event loop:
+    then do not wait for the connect; return an Endpoint whose non-blocking socket is still
+    connecting (``connecting=True``, as ``relay.net.start_connect`` makes one), or raise
+    ``relay.WouldBlock`` to be called again from a thread (with ``evented`` False), for
+    example to resolve a host name. With ``evented`` False, return a connected socket.
 
     The first non-None result wins. The shadowsocks plugin answers on a local relay (an
     encrypted connection to the server, the target in its first flight); the core answers last

@@ -24,7 +24,9 @@ back-and-forth, than the relaying itself.
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
+import os
 import logging
 import select
 import socket
@@ -49,6 +51,8 @@ _EPOLL = hasattr(select, "epoll")
 _IN = select.EPOLLIN if _EPOLL else select.POLLIN
 _OUT = select.EPOLLOUT if _EPOLL else select.POLLOUT
 _GONE = (select.EPOLLHUP | select.EPOLLERR) if _EPOLL else (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+# Sockets stay in blocking mode (no timeout) and every recv and send says MSG_DONTWAIT.
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _INISH = _IN | _GONE  # a hang-up or an error is read (and reported) as input...
 _OUTISH = _OUT | _GONE  # ...or as output, whichever the socket waits for
 
@@ -79,7 +83,7 @@ class _Direction:
 
     def read(self) -> None:
         try:
-            n = self.src.recv_into(self.decoder.recv_buffer())
+            n = self.src.recv_into(self.decoder.recv_buffer(), 0, _DONTWAIT)
         except BlockingIOError:
             return
         if not n:
@@ -104,7 +108,7 @@ class _Direction:
     def _send(self, data: memoryview | bytes) -> None:
         frame = self.encode(data) if self.encode is not None else data
         try:
-            sent = self.dst.send(frame)
+            sent = self.dst.send(frame, _DONTWAIT)
         except BlockingIOError:
             sent = 0
         if sent < len(frame):
@@ -112,7 +116,7 @@ class _Direction:
 
     def flush(self) -> None:
         try:
-            sent = self.dst.send(self.pending)  # type: ignore[arg-type]
+            sent = self.dst.send(self.pending, _DONTWAIT)  # type: ignore[arg-type]
         except BlockingIOError:
             return
         assert self.pending is not None
@@ -128,9 +132,11 @@ class _Direction:
 class _Flow:
     """One session in the pump: two sockets, two directions."""
 
-    __slots__ = ("up", "down", "client", "upstream", "timeout", "on_done", "masks", "active", "head_deadline", "ended")
+    __slots__ = ("up", "down", "client", "upstream", "timeout", "on_done", "masks", "active", "connecting", "head_due", "timers", "ended")
 
-    def __init__(self, client: Endpoint, upstream: Endpoint, timeout: float, on_done: Callable[[PumpResult], None]) -> None:
+    def __init__(
+        self, client: Endpoint, upstream: Endpoint, timeout: float, on_done: Callable[[PumpResult], None], early: bytes
+    ) -> None:
         self.up = _Direction(client, upstream)
         self.down = _Direction(upstream, client)
         self.client = client
@@ -139,30 +145,74 @@ class _Flow:
         self.on_done = on_done
         self.masks = {client.sock.fileno(): 0, upstream.sock.fileno(): 0}
         self.active = time.monotonic()
-        self.head_deadline = self.active + FIRST_FLIGHT_WAIT if self.up.head is not None else None
+        self.connecting = upstream.connecting  # until the upstream's connect completes: nothing moves
+        self.head_due = False  # the first flight's wait ended while the upstream was connecting
+        self.timers: list[_Timer] = []
+        if early:
+            # The client spoke during the handshake: its data leaves with the head, at once.
+            self.up.head = (self.up.head or b"") + early
+            self.up.moved += len(early)
+            self.head_due = True
         self.ended = False
 
     def wanted(self, reader: _Direction, sender: _Direction) -> int:
         """What a socket waits for: input while the direction reading it has nothing pending
         (backpressure), output while the other direction has bytes pending for it."""
+        if self.connecting:
+            return _OUT if reader is self.down else 0
         mask = _IN if reader.reading and reader.pending is None else 0
         if sender.pending is not None:
             mask |= _OUT
         return mask
 
     def handle(self, is_client: bool, events: int) -> None:
+        if self.connecting:
+            if not is_client:
+                self.connected()
+            return
         reader, sender = (self.up, self.down) if is_client else (self.down, self.up)
         if events & _OUTISH and sender.pending is not None:
             sender.flush()
         if events & _INISH and reader.reading and reader.pending is None:
             reader.read()
-            if is_client and self.up.head is None:
-                self.head_deadline = None  # read() sent the head with the data, or at EOF
 
+    def connected(self) -> None:
+        """The upstream's non-blocking connect finished: raise its error, or start moving."""
+        code = self.upstream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise OSError(code, os.strerror(code))
+        self.connecting = False
+        if self.head_due:
+            self.up.send_head()
+
+    def head_wait_over(self) -> None:
+        """FIRST_FLIGHT_WAIT passed without client data: the client waits for the server first."""
+        if self.connecting:
+            self.head_due = True
+        else:
+            self.up.send_head()
+
+
+class _Timer:
+    """A ``call_later`` handle. A cancelled timer lets go of its function at once (a session's
+    handshake deadline would otherwise keep the session alive until it was due)."""
+
+    __slots__ = ("entry", "pump")
+
+    def __init__(self, entry: list, pump: Pump) -> None:
+        self.entry, self.pump = entry, pump
+
+    def cancel(self) -> None:
+        entry = self.entry
+        if entry[2] is not None:  # still in the heap
+            entry[2] = entry[3] = None
+            self.pump._cancelled_timers += 1
 
 
 class Pump:
-    """The process's pump thread and the sessions it moves. ``start`` is thread-safe."""
+    """The process's event loop: the thread that moves every session's bytes, and that runs
+    evented handshakes (see relay.server). ``start`` and ``call_soon`` are thread-safe; ``watch``,
+    ``unwatch`` and ``call_later`` are for code running in the loop (``in_loop()``)."""
 
     def __init__(self) -> None:
         self._poller = select.epoll() if _EPOLL else select.poll()
@@ -170,24 +220,84 @@ class Pump:
         self._wake_reader.setblocking(False)
         self._waker.setblocking(False)
         self._poller.register(self._wake_reader.fileno(), _IN)
-        self._sockets: dict[int, tuple[_Flow, bool]] = {}  # fd -> (its flow, whether it is the client)
-        self._incoming: collections.deque[_Flow] = collections.deque()
+        # fd -> (its flow, whether it is the client), or (a watcher's callback, None)
+        self._sockets: dict[int, tuple] = {}
+        self._watched: dict[int, int] = {}  # fd -> the events a watcher waits for
+        self._incoming: collections.deque[Callable[[], None]] = collections.deque()
         self._flows: set[_Flow] = set()
-        self._heads: list[tuple[float, int, _Flow]] = []  # first-flight deadlines, a heap
+        self._timers: list[list] = []  # a heap of [when, serial, function or None, args]
+        self._timer_serial = 0
+        self._cancelled_timers = 0
         self._thread = threading.Thread(target=self._run, name="relay-pump", daemon=True)
         self._thread.start()
 
-    def start(self, client: Endpoint, upstream: Endpoint, *, timeout: float, on_done: Callable[[PumpResult], None]) -> None:
+    def in_loop(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def start(
+        self,
+        client: Endpoint,
+        upstream: Endpoint,
+        *,
+        timeout: float,
+        on_done: Callable[[PumpResult], None],
+        early: bytes = b"",
+    ) -> None:
         """Move the session's bytes from now on; ``on_done(result)`` runs (in the pump thread)
         once both directions ended, after ``upstream`` was closed. The client socket is left to
-        ``on_done``'s owner."""
-        client.sock.setblocking(False)
-        upstream.sock.setblocking(False)
-        self._incoming.append(_Flow(client, upstream, timeout, on_done))
+        ``on_done``'s owner. ``early`` is client data read during the handshake: it goes
+        upstream first (after the upstream's ``first_flight``), counted as the client's."""
+        for sock in (client.sock, upstream.sock):
+            # Non-blocking per call (MSG_DONTWAIT) rather than per socket: a socket without a
+            # timeout needs no mode switch, a system call that releases the GIL.
+            mode = sock.gettimeout()
+            if mode != 0.0 and (mode is not None or not _DONTWAIT):
+                sock.setblocking(False)
+        flow = _Flow(client, upstream, timeout, on_done, early)
+        self.call_soon(self._admit, flow)
+
+    def call_soon(self, function: Callable[..., None], *args: object) -> None:
+        """Run ``function(*args)`` in the loop: now when called from it, else at its next turn."""
+        if self.in_loop():
+            function(*args)
+            return
+        self._incoming.append(functools.partial(function, *args))
         try:
             self._waker.send(b"\0")
         except BlockingIOError:
             pass  # the pump has wake-ups pending already
+
+    def call_later(self, delay: float, function: Callable[..., None], *args: object) -> _Timer:
+        """Run ``function(*args)`` in the loop after ``delay`` seconds, unless cancelled first."""
+        self._timer_serial += 1
+        # [when, serial, function, args]: compared by when, then serial, in C, never further
+        entry = [time.monotonic() + delay, self._timer_serial, function, args]
+        heapq.heappush(self._timers, entry)
+        if self._cancelled_timers > 1024 and self._cancelled_timers > len(self._timers) // 2:
+            self._timers[:] = [t for t in self._timers if t[2] is not None]
+            heapq.heapify(self._timers)
+            self._cancelled_timers = 0
+        return _Timer(entry, self)
+
+    def watch(self, sock: socket.socket, events: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(events)`` whenever ``sock`` is ready for ``events`` (IN, OUT; hang-ups
+        and errors always count), until ``unwatch``. Watching again changes the events."""
+        fd = sock.fileno()
+        if fd in self._watched:
+            self._poller.modify(fd, events)
+        else:
+            self._poller.register(fd, events)
+        self._watched[fd] = events
+        self._sockets[fd] = (callback, None)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        if self._watched.pop(fd, None) is not None:
+            self._sockets.pop(fd, None)
+            try:
+                self._poller.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
 
     def _run(self) -> None:
         while True:
@@ -201,18 +311,25 @@ class Pump:
         poll = self._poller.poll
         scale = 1.0 if _EPOLL else 1000.0  # epoll waits in seconds, poll in milliseconds
         sockets = self._sockets
+        timers = self._timers
         monotonic = time.monotonic
         next_sweep = monotonic() + SWEEP_INTERVAL
         while True:
-            wait = max(0.0, min(next_sweep, self._heads[0][0] if self._heads else next_sweep) - monotonic())
+            wait = max(0.0, min(next_sweep, timers[0][0] if timers else next_sweep) - monotonic())
             events = poll(wait * scale)
             now = monotonic()
             for fd, event in events:
                 entry = sockets.get(fd)
                 if entry is None:
-                    self._admit()
+                    self._run_incoming()
                     continue
                 flow, is_client = entry
+                if is_client is None:  # a watcher
+                    try:
+                        flow(event)
+                    except Exception:  # noqa: BLE001 - watchers report their own errors
+                        log.exception("an event handler failed")
+                    continue
                 if flow.ended:
                     continue
                 flow.active = now
@@ -221,34 +338,58 @@ class Pump:
                     self._update(flow)
                 except BaseException as e:  # noqa: BLE001 - whatever ends a session is its error
                     self._end(flow, e)
-            while self._heads and self._heads[0][0] <= now:
-                _, _, flow = heapq.heappop(self._heads)
-                if flow.head_deadline is not None and not flow.ended:
-                    flow.head_deadline = None
-                    self._guard(flow, flow.up.send_head)  # the client waits for the server first
+            while timers and timers[0][0] <= now:
+                entry = heapq.heappop(timers)
+                function, args = entry[2], entry[3]
+                if function is None:
+                    self._cancelled_timers -= 1
+                    continue
+                entry[2] = entry[3] = None  # fired: a late cancel() is a no-op
+                try:
+                    function(*args)
+                except Exception:  # noqa: BLE001
+                    log.exception("a timer failed")
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
                 for flow in [f for f in self._flows if now - f.active >= f.timeout]:
                     self._end(flow, TimeoutError("idle timeout"))
 
-    def _admit(self) -> None:
+    def _run_incoming(self) -> None:
         try:
             while self._wake_reader.recv(4096):
                 pass
         except BlockingIOError:
             pass
-        while self._incoming:
-            flow = self._incoming.popleft()
-            self._flows.add(flow)
-            self._sockets[flow.client.sock.fileno()] = (flow, True)
-            self._sockets[flow.upstream.sock.fileno()] = (flow, False)
-            if flow.head_deadline is not None:
-                heapq.heappush(self._heads, (flow.head_deadline, id(flow), flow))
-            self._guard(flow, _nothing)
+        incoming = self._incoming
+        while incoming:
+            function = incoming.popleft()
+            try:
+                function()
+            except Exception:  # noqa: BLE001
+                log.exception("a call in the pump failed")
+
+    def _admit(self, flow: _Flow) -> None:
+        self._flows.add(flow)
+        self._sockets[flow.client.sock.fileno()] = (flow, True)
+        self._sockets[flow.upstream.sock.fileno()] = (flow, False)
+        if flow.up.head is not None and not flow.head_due:
+            flow.timers.append(self.call_later(FIRST_FLIGHT_WAIT, self._guard, flow, flow.head_wait_over))
+        if flow.connecting:
+            flow.timers.append(self.call_later(flow.upstream.connect_timeout, self._connect_timed_out, flow))
+        elif flow.head_due:
+            self._guard(flow, flow.up.send_head)
+            return
+        self._guard(flow, _nothing)
+
+    def _connect_timed_out(self, flow: _Flow) -> None:
+        if flow.connecting and not flow.ended:
+            self._end(flow, TimeoutError("timed out"))
 
     def _guard(self, flow: _Flow, action: Callable[..., None], *args: object) -> None:
         """Run ``action`` for ``flow`` and update what its sockets wait for; any error (a
         reset, a bad chunk, a socket closed under us) ends that session, never the pump."""
+        if flow.ended:
+            return
         try:
             action(*args)
             self._update(flow)
@@ -281,6 +422,8 @@ class Pump:
             return
         flow.ended = True
         self._flows.discard(flow)
+        for timer in flow.timers:
+            timer.cancel()
         for fd, registered in flow.masks.items():
             self._sockets.pop(fd, None)
             if registered:

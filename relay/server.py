@@ -15,28 +15,33 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import select
 import socket
 import socketserver
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from .address import Address
 from .config import Config
 from .endpoint import Endpoint
-from .errors import ProtocolError, RelayError, TargetRefused
-from .net import close_quietly, shutdown_quietly, tcp_byte_counts, tune
+from .errors import ProtocolError, RelayError, TargetRefused, WouldBlock
+from .hookspecs import is_nonblocking
+from .net import close_quietly, set_receive_timeout, shutdown_quietly, tcp_byte_counts, tune
 from .protocol import NEED_DATA, SansIO
-from .pump import PumpResult, shared_pump
+from .pump import _DONTWAIT, PumpResult, shared_pump
 from .session import Session
 from .threads import shared_pool
 
-__all__ = ["ListeningAddress", "RelayServer", "RelayHandler", "run_handler", "start_terminal_handler", "log"]
+__all__ = ["ListeningAddress", "RelayServer", "RelayHandler", "Handshake", "Ready", "drain", "discard_pending", "refusal", "run_handler", "start_terminal_handler", "log"]
 
 log = logging.getLogger("relay")
 
 BACKLOG = 1024
 ACCEPT_BACKOFF = 0.1  # seconds the accept loop sleeps when the process is out of descriptors
+ACCEPT_BATCH = 64  # connections the event loop accepts in one turn before serving others
+_LISTEN_EVENTS = select.EPOLLIN if hasattr(select, "epoll") else select.POLLIN
 _ACCEPT_BACKOFF = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
@@ -113,6 +118,13 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
         self._per_client: collections.Counter[str] = collections.Counter()
         self._refusal_log = _RateLimit(1.0)
         self.stats: collections.Counter[str] = collections.Counter()
+        self._accepting = threading.Lock()
+        self._idle_acceptors = 0
+        self._shutdown_requested = False
+        self._is_shut_down = threading.Event()
+        self._is_shut_down.set()
+        self._stop_serving = threading.Event()
+        self._backoff: Any = None  # the pump timer that resumes accepting after a backoff
         super().__init__(self._resolve(address), config.handler.handler)
 
     def verify_request(self, request: socket.socket, client_address: Any) -> bool:
@@ -140,8 +152,138 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
             if not self._per_client[host]:
                 del self._per_client[host]
 
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept and serve until ``shutdown()``, in one of two ways.
+
+        Evented (``serves_evented()``): the process's event loop (the pump) accepts, runs each
+        session's handshake and relays it; no thread per connection.
+
+        Otherwise, leader/followers: every serving thread blocks in accept() itself and runs the
+        session it accepted, so a connection is never handed from an accepting thread to a
+        serving one (a wake-up and a GIL transfer per connection). The kernel wakes one waiting
+        thread per connection. When the last idle acceptor takes a connection, it starts another
+        first (from the shared pool), so someone is always accepting; an extra acceptor idle for
+        the pool's idle timeout leaves.
+
+        ``poll_interval`` is socketserver's and unused: shutdown() wakes the acceptors at once.
+        """
+        self._is_shut_down.clear()
+        try:
+            if self.serves_evented():
+                self._serve_in_loop()
+            else:
+                # The acceptors are pool threads: this one only waits, so that a session an
+                # acceptor is running does not hold up shutdown().
+                shared_pool().submit(self._accept_loop, True)
+                self._stop_serving.wait()
+        finally:
+            self._is_shut_down.set()
+
+    def shutdown(self) -> None:
+        """Stop accepting and wait for serve_forever to return; sessions already accepted run on
+        (``close_sessions`` ends them). The listening socket refuses new connections from now."""
+        self._shutdown_requested = True
+        self._stop_serving.set()
+        # Shutting a listening socket down wakes every thread blocked in accept() on it.
+        shutdown_quietly(self.socket, socket.SHUT_RD)
+        self._is_shut_down.wait()
+
+    def serves_evented(self) -> bool:
+        """Whether sessions run in the event loop: the handler has a sans-I/O handshake (and
+        no handle of its own) and every relay_session_started implementation is nonblocking."""
+        handler = self.RequestHandlerClass
+        return (
+            isinstance(handler, type)
+            and issubclass(handler, RelayHandler)
+            and handler.handshake is not RelayHandler.handshake
+            and all(getattr(handler, name) is getattr(RelayHandler, name) for name in ("setup", "handle", "finish"))
+            and is_nonblocking(self.hook.relay_session_started)
+        )
+
+    def _serve_in_loop(self) -> None:
+        """The pump's loop accepts and runs every session's handshake; this thread waits."""
+        pump = shared_pump()
+        self.socket.setblocking(False)
+        pump.call_soon(pump.watch, self.socket, _LISTEN_EVENTS, self._accept_ready)
+        self._stop_serving.wait()
+        stopped = threading.Event()
+        pump.call_soon(lambda: (self._stop_accepting(), stopped.set()))
+        stopped.wait(5.0)
+
+    def _stop_accepting(self) -> None:
+        if self._backoff is not None:
+            self._backoff.cancel()
+        shared_pump().unwatch(self.socket)
+
+    def _accept_ready(self, events: int) -> None:
+        """In the loop: accept what is queued (a bounded batch), and start each session."""
+        listener = self.socket
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, client_address = listener._accept()  # type: ignore[attr-defined]
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in _ACCEPT_BACKOFF:
+                    # Out of descriptors or memory: stop watching the listener for a while
+                    # instead of spinning on a socket that stays readable.
+                    self._note_backoff(e)
+                    pump = shared_pump()
+                    pump.unwatch(listener)
+                    self._backoff = pump.call_later(ACCEPT_BACKOFF, self._resume_accepting)
+                    return
+                continue  # ECONNABORTED and the like: that connection is gone
+            conn = socket.socket(self.address_family, socket.SOCK_STREAM, 0, fd)
+            tune(conn)
+            if not _DONTWAIT:
+                conn.setblocking(False)
+            if self.verify_request(conn, client_address):
+                _EventedSession(self, conn, client_address).begin()
+            else:
+                close_quietly(conn)
+
+    def _resume_accepting(self) -> None:
+        self._backoff = None
+        if not self._shutdown_requested:
+            shared_pump().watch(self.socket, _LISTEN_EVENTS, self._accept_ready)
+
+    def _note_backoff(self, error: OSError) -> None:
+        self.stats["accept backoff"] += 1
+        if self._refusal_log.allow():
+            log.warning("cannot accept: %s; backing off %.1f s", (error.strerror or str(error)).lower(), ACCEPT_BACKOFF)
+
+    def _accept_loop(self, permanent: bool = False) -> None:
+        accepting = self._accepting
+        while not self._shutdown_requested:
+            with accepting:
+                self._idle_acceptors += 1
+            try:
+                request, client_address = self.get_request()
+            except OSError as e:
+                with accepting:
+                    self._idle_acceptors -= 1
+                    leave = isinstance(e, BlockingIOError) and not permanent and self._idle_acceptors > 0
+                if leave:  # idle for the idle timeout (SO_RCVTIMEO), and another acceptor waits
+                    return
+                continue
+            with accepting:
+                self._idle_acceptors -= 1
+                follower = self._idle_acceptors == 0
+            if follower:
+                shared_pool().submit(self._accept_loop)
+            if self.verify_request(request, client_address):
+                self.process_request_thread(request, client_address)
+            else:
+                self.shutdown_request(request)
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        # accept() gives up after the idle timeout (EAGAIN), so that an extra acceptor can leave.
+        set_receive_timeout(self.socket, shared_pool().idle_timeout)
+
     def process_request(self, request: socket.socket, client_address: Any) -> None:
-        """ThreadingMixIn's, with a reused thread instead of a new one per connection."""
+        """ThreadingMixIn's, with a reused thread instead of a new one per connection (for
+        ``handle_request``; serve_forever serves in the accepting thread)."""
         shared_pool().submit(self.process_request_thread, request, client_address)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -152,9 +294,7 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
             if e.errno in _ACCEPT_BACKOFF:
                 # Out of descriptors or memory: the connection stays queued and the socket stays
                 # readable, so socketserver would retry at once, forever, at 100% CPU. Wait instead.
-                self.stats["accept backoff"] += 1
-                if self._refusal_log.allow():
-                    log.warning("cannot accept: %s; backing off %.1f s", (e.strerror or str(e)).lower(), ACCEPT_BACKOFF)
+                self._note_backoff(e)
                 time.sleep(ACCEPT_BACKOFF)
             raise
         conn = socket.socket(self.address_family, socket.SOCK_STREAM, 0, fd)
@@ -220,6 +360,55 @@ class RelayHandler(socketserver.BaseRequestHandler):
     detached = False  # relay() handed the session to the pump, which ends it
     _unrelayed: list[Endpoint] | None = None  # upstreams opened but not (yet) handed to the pump
 
+    @classmethod
+    def handshake(cls, session: Session) -> Handshake | None:
+        """The front-end's handshake as a sans-I/O object, or None (the default) for a handler
+        that does its work in ``handle``.
+
+        A handler that returns one and leaves ``handle`` to RelayHandler needs no thread of its
+        own: relay's event loop reads the client into the handshake until it is ``ready``, opens
+        the upstream it names and relays (see relay.hookspecs on where hooks run then). Called
+        once per session, in the loop; ``session.server`` is the relay's server.
+        """
+        return None
+
+    def handle(self) -> None:
+        """Without an event loop (a blocking session hook, or a subclass's own ``handle``):
+        the same handshake, driven by blocking reads in this thread."""
+        handshake = self.handshake(self.session)
+        if handshake is None:
+            raise NotImplementedError(f"{type(self).__name__} has neither handle() nor handshake()")
+        ready = self.run_handshake(handshake)
+        self.relay(self.open_upstream(ready.target), decoder=ready.decoder, encoder=ready.encoder, early=ready.early)
+
+    def run_handshake(self, handshake: Handshake) -> Ready:
+        """Read the client into ``handshake`` until it is ready, within the handshake deadline.
+        A handshake that refuses by draining has the connection drained (``drain``) first."""
+        conn = self.request
+        deadline = self.session.started + self.session.config.handshake_timeout
+        try:
+            while handshake.ready is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("handshake timeout")
+                conn.settimeout(left)
+                n = conn.recv_into(handshake.recv_buffer())
+                if not n:
+                    handshake.eof()
+                    raise ProtocolError("closed during the handshake")
+                handshake.received(n)
+            return handshake.ready
+        except ProtocolError as e:
+            if not handshake.drain_on_failure:
+                raise
+            failure = e
+        except TimeoutError:
+            discard_pending(conn)  # close with a FIN: unread bytes would make it a reset
+            raise
+        del handshake  # its buffers are freed before the connection waits out its deadline
+        drain(conn, deadline)
+        raise refusal(failure)
+
     def next_event(self, protocol: SansIO) -> Any:
         while True:
             event = protocol.next_event()
@@ -236,12 +425,18 @@ class RelayHandler(socketserver.BaseRequestHandler):
         self.request.settimeout(left)
         return self.request.recv(size)
 
-    def open_upstream(self, target: Address) -> Endpoint:
+    def open_upstream(self, target: Address, *, evented: bool = False) -> Endpoint:
+        """Run the target hooks and return the upstream; ``evented``: from the event loop, so
+        the upstream may still be connecting, or ``WouldBlock`` says to call ``reopen_upstream``
+        from a thread."""
         session = self.session
         session.target = target
-        hook = self.server.hook
-        hook.relay_target_chosen(session=session, target=target)
-        upstream = hook.relay_open_upstream(session=session, target=target)
+        self.server.hook.relay_target_chosen(session=session, target=target)
+        return self.reopen_upstream(target, evented=evented)
+
+    def reopen_upstream(self, target: Address, *, evented: bool = False) -> Endpoint:
+        """``open_upstream`` without the target hook: after a ``WouldBlock``."""
+        upstream = self.server.hook.relay_open_upstream(session=self.session, target=target, evented=evented)
         if upstream is None:
             raise RelayError("no plugin opened an upstream (is the core plugin registered?)")
         self.server.track(upstream.sock)
@@ -257,29 +452,20 @@ class RelayHandler(socketserver.BaseRequestHandler):
         session = self.session
         if self._unrelayed and upstream in self._unrelayed:
             self._unrelayed.remove(upstream)
-        try:
-            if early:
-                # The client has spoken already: no reason to wait for more before the first flight.
-                first = (upstream.first_flight or b"") + early
-                upstream.first_flight = None
-                upstream.sock.sendall(upstream.encoder.encode(first) if upstream.encoder else first)
-        except BaseException:
-            self.server.untrack(upstream.sock)
-            upstream.close()
-            raise
         client = Endpoint(self.request, decoder, encoder)
-        server, request, sent_early = self.server, self.request, len(early)
+        server, request = self.server, self.request
 
         def done(result: PumpResult) -> None:
-            session.bytes_up, session.bytes_down = result.bytes_up + sent_early, result.bytes_down
+            session.bytes_up, session.bytes_down = result.bytes_up, result.bytes_down
             server.untrack(upstream.sock)
             end_session(server, session, request, result.error)
 
         # From here the pump owns both sockets: this thread goes back to the pool, and the pump
-        # ends the session (closes the client, logs, fires relay_session_finished).
+        # ends the session (closes the client, logs, fires relay_session_finished). The client
+        # has spoken already when there is early data: it leaves with the first flight at once.
         self.detached = True
         server.detach(request)
-        shared_pump().start(client, upstream, timeout=session.config.timeout, on_done=done)
+        shared_pump().start(client, upstream, timeout=session.config.timeout, on_done=done, early=early)
 
     def close_upstream(self, upstream: Endpoint) -> None:
         """Close an upstream that ``open_upstream`` gave and that will not be relayed."""
@@ -294,6 +480,233 @@ class RelayHandler(socketserver.BaseRequestHandler):
             self.server.untrack(upstream.sock)
             upstream.close()
         self._unrelayed = None
+
+
+@dataclass
+class Ready:
+    """What a finished handshake says: where to connect, how the client's side is framed
+    (``decoder``/``encoder``, None for plain bytes), and client data read past the handshake."""
+
+    target: Address
+    decoder: Any = None
+    encoder: Any = None
+    early: bytes = b""
+
+
+class Handshake:
+    """A front-end's handshake, sans-I/O: the client's bytes in, a ``Ready`` out.
+
+    The driver (relay's event loop, or ``RelayHandler.run_handshake`` in a thread) receives into
+    ``recv_buffer()`` and reports the count with ``received(n)`` until ``ready`` is set; at EOF
+    it calls ``eof()``. ``received`` and ``eof`` raise ``ProtocolError`` to refuse the client.
+    A handshake that is ready at once (a tunnel's) sets ``ready`` before any read.
+
+    ``drain_on_failure``: refuse silently, as a Shadowsocks remote must (probe resistance): read
+    and discard until the handshake deadline, after the client's EOF wait out the deadline all
+    the same, and only then close; a refusal that was logged already sets ``reported`` on its
+    error, so the session's end line is not a second warning.
+    """
+
+    ready: Ready | None = None
+    drain_on_failure = False
+
+    def recv_buffer(self) -> memoryview:
+        raise NotImplementedError
+
+    def received(self, nbytes: int) -> None:
+        raise NotImplementedError
+
+    def eof(self) -> None:
+        raise ProtocolError("closed during the handshake")
+
+
+def refusal(failure: ProtocolError) -> RelayError:
+    """The error a drained session ends with."""
+    return (RelayError if getattr(failure, "reported", False) else ProtocolError)(f"refused: {failure}")
+
+
+# What a refused peer sends is read into this and dropped: every draining session shares it, so
+# a draining session costs its socket (and, without the event loop, its thread), not a buffer.
+_DISCARD = bytearray(64 * 1024)
+
+
+def drain(conn: socket.socket, deadline: float) -> None:
+    """Say nothing to a refused peer: read and discard until ``deadline``. After its EOF, wait
+    out the deadline all the same; only a reset (the peer is gone) ends it sooner."""
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            conn.settimeout(left)
+            if not conn.recv_into(_DISCARD):
+                _wait_for_reset(conn, deadline)
+                return
+    except TimeoutError:
+        discard_pending(conn)
+    except OSError:
+        return
+
+
+def discard_pending(conn: socket.socket) -> None:
+    """Read what has arrived already, without waiting, so that closing sends a FIN: a socket
+    closed with unread bytes sends a reset, which would tell a prober something."""
+    try:
+        conn.setblocking(False)
+        for _ in range(64):
+            if not conn.recv_into(_DISCARD):
+                return
+    except OSError:
+        return
+
+
+def _wait_for_reset(conn: socket.socket, deadline: float) -> None:
+    """Sleep until ``deadline`` unless the peer resets: poll for nothing but the errors and
+    hang-ups that poll always reports (the peer's FIN alone reports neither)."""
+    if not hasattr(select, "poll"):
+        time.sleep(max(deadline - time.monotonic(), 0))
+        return
+    poller = select.poll()
+    poller.register(conn, 0)
+    while (left := deadline - time.monotonic()) > 0:
+        if poller.poll(max(1, int(left * 1000 + 0.999))):
+            return
+
+
+class _EventedSession:
+    """A session whose handshake runs in the event loop: accept -> ``relay_session_started`` ->
+    the handler's Handshake fed from readable events -> the upstream opened (in the loop when
+    its hooks are nonblocking, else in a pool thread) -> the pump. Refusals drain in the loop
+    too, and the handshake deadline is a loop timer."""
+
+    __slots__ = ("server", "conn", "session", "handshake", "handler", "timer", "failure", "ended")
+
+    def __init__(self, server: RelayServer, conn: socket.socket, client_address: Any) -> None:
+        self.server = server
+        self.conn = conn
+        self.session = Session(config=server.config, client=Address(*client_address[:2]), server=server, client_address=client_address)
+        handler_class = server.RequestHandlerClass
+        handler = handler_class.__new__(handler_class)  # set up as socketserver would, but not run
+        handler.request, handler.client_address, handler.server, handler.session = conn, client_address, server, self.session
+        self.handler: RelayHandler = handler
+        self.handshake: Handshake | None = None
+        self.timer: Any = None
+        self.failure: ProtocolError | None = None
+        self.ended = False
+
+    def begin(self) -> None:
+        server = self.server
+        server.track(self.conn)
+        try:
+            server.hook.relay_session_started(session=self.session)
+            self.handshake = self.handler.handshake(self.session)
+        except Exception as e:  # noqa: BLE001 - a session's failure ends that session only
+            self.end(e)
+            return
+        if self.handshake.ready is not None:
+            self.proceed()
+            return
+        pump = shared_pump()
+        self.timer = pump.call_later(self.session.started + self.session.config.handshake_timeout - time.monotonic(), self.deadline)
+        pump.watch(self.conn, _LISTEN_EVENTS, self.readable)
+
+    def readable(self, events: int) -> None:
+        handshake = self.handshake
+        assert handshake is not None
+        try:
+            n = self.conn.recv_into(handshake.recv_buffer(), 0, _DONTWAIT)
+            if not n:
+                handshake.eof()
+                raise ProtocolError("closed during the handshake")
+            handshake.received(n)
+        except BlockingIOError:
+            return
+        except ProtocolError as e:
+            if not handshake.drain_on_failure:
+                self.end(e)
+                return
+            self.handshake = None  # its buffers go now, not when the deadline comes
+            self.failure = e
+            shared_pump().watch(self.conn, _LISTEN_EVENTS, self.draining)
+            return
+        except Exception as e:  # noqa: BLE001
+            self.end(e)
+            return
+        if handshake.ready is not None:
+            self.proceed()
+
+    def draining(self, events: int) -> None:
+        try:
+            if self.conn.recv_into(_DISCARD, 0, _DONTWAIT):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            self.end(refusal(self.failure))  # type: ignore[arg-type]  # reset: nobody is left to see the close
+            return
+        # EOF: wait out the deadline all the same; only hang-ups and errors wake us now.
+        shared_pump().watch(self.conn, 0, self.reset)
+
+    def reset(self, events: int) -> None:
+        self.end(refusal(self.failure))  # type: ignore[arg-type]
+
+    def deadline(self) -> None:
+        self.timer = None
+        if self.ended:
+            return
+        discard_pending(self.conn)
+        self.end(refusal(self.failure) if self.failure is not None else TimeoutError("handshake timeout"))
+
+    def proceed(self) -> None:
+        pump = shared_pump()
+        pump.unwatch(self.conn)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        hook = self.server.hook
+        ready = self.handshake.ready  # type: ignore[union-attr]
+        self.handshake = None
+        if not (is_nonblocking(hook.relay_target_chosen) and is_nonblocking(hook.relay_open_upstream)):
+            shared_pool().submit(self.open_in_thread, ready, True)
+            return
+        try:
+            upstream = self.handler.open_upstream(ready.target, evented=True)
+        except WouldBlock:
+            shared_pool().submit(self.open_in_thread, ready, False)
+            return
+        except Exception as e:  # noqa: BLE001
+            self.end(e)
+            return
+        self.relay(upstream, ready)
+
+    def open_in_thread(self, ready: Ready, with_target_hook: bool) -> None:
+        handler = self.handler
+        try:
+            if with_target_hook:
+                upstream = handler.open_upstream(ready.target)
+            else:
+                upstream = handler.reopen_upstream(ready.target)
+        except Exception as e:  # noqa: BLE001
+            self.end(e)
+            return
+        self.relay(upstream, ready)
+
+    def relay(self, upstream: Endpoint, ready: Ready) -> None:
+        try:
+            self.handler.relay(upstream, decoder=ready.decoder, encoder=ready.encoder, early=ready.early)
+        except Exception as e:  # noqa: BLE001
+            self.end(e)
+            return
+        self.ended = True  # the pump ends it
+
+    def end(self, error: BaseException) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.timer is not None:
+            self.timer.cancel()
+        pump = shared_pump()
+        if pump.in_loop():
+            pump.unwatch(self.conn)
+        self.handler.finish()
+        end_session(self.server, self.session, self.conn, error)
 
 
 def run_handler(
@@ -345,7 +758,6 @@ def end_session(server: RelayServer, session: Session, request: socket.socket, e
     hold up the thread it was called from (the pump's, after a relayed session)."""
     server.untrack(request)
     server.session_ended(session.client_address)
-    shutdown_quietly(request, socket.SHUT_WR)
     close_quietly(request)
     _log_end(session, error)
     if server.hook.relay_session_finished.get_hookimpls():

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from .address import Address
 from .endpoint import Endpoint
-from .hookspecs import hookimpl
-from .net import connect_tcp
+from .hookspecs import hookimpl, nonblocking
+from .net import connect_tcp, start_connect
 from .server import start_terminal_handler
 from .session import Session
 from .udp import DatagramUpstream, DirectDatagramUpstream, HandlerDatagramUpstream
@@ -18,13 +18,18 @@ __all__ = ["relay_open_upstream", "relay_open_datagram_upstream"]
 
 
 @hookimpl(trylast=True)
-def relay_open_upstream(session: Session, target: Address) -> Endpoint:
+@nonblocking
+def relay_open_upstream(session: Session, target: Address, evented: bool) -> Endpoint:
     """A remote's ``--handler`` answers the stream itself; otherwise dial the target directly,
-    checking every address it resolves to against the private-address policy."""
+    checking every address it resolves to against the private-address policy (from the event
+    loop: an IP literal at once, a name to resolve from a thread)."""
     config = session.config
     if config.upstream_handler is not None:
         return start_terminal_handler(session, config.upstream_handler.handler)
-    return Endpoint(connect_tcp(target, config.connect_timeout, config.egress.for_target(target.host)))
+    check = config.egress.for_target(target.host)
+    if evented:
+        return Endpoint(start_connect(target, check), connecting=True, connect_timeout=config.connect_timeout)
+    return Endpoint(connect_tcp(target, config.connect_timeout, check))
 
 
 @hookimpl(trylast=True)

@@ -21,7 +21,7 @@ import logging
 import socketserver
 import string
 
-from relay import Config, ConfigError, HandlerSpec, Session, hookimpl
+from relay import Config, ConfigError, HandlerSpec, Session, hookimpl, nonblocking
 
 __version__ = "0.1.0"
 
@@ -109,6 +109,7 @@ def relay_configure(config: Config) -> None:
 
 
 @hookimpl
+@nonblocking  # it only logs: relay may call it from its event loop
 def relay_session_started(session: Session) -> None:
     if _serves_rot13(session.config):
         log.debug("session %d from %s: started (shift %d)", session.id, session.client, shift_of(session.config))
