@@ -57,7 +57,7 @@ from relay.address import decode_address, encode_address
 from relay.aead import Aead2017Cipher
 from relay.aead2022 import CIPHERS as CIPHERS_2022
 from relay.aead2022 import PskChain, ReplayError, SaltStore
-from relay.codec import DatagramCodec, StreamDecoder
+from relay.codec import DatagramCodec
 from relay.net import connect_tcp, start_connect
 from relay.replay import SaltFilter
 from relay.udp import MAX_DATAGRAM, DatagramHandler, udp_socket

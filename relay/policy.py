@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import ConfigError, TargetRefused
 
@@ -89,6 +89,9 @@ class EgressPolicy:
     allow_domains: tuple[str, ...] = ()
     deny_networks: tuple[IPNetwork, ...] = ()
     deny_domains: tuple[str, ...] = ()
+    # (name allowed?, ip) -> the verdict: parsing and classifying an address costs more than
+    # the rest of a short session's setup, and the same addresses come back again and again.
+    _verdicts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, allow_private: bool, egress: object) -> EgressPolicy:
@@ -107,20 +110,35 @@ class EgressPolicy:
         if _matches(name, self.deny_domains):
             raise TargetRefused(f"{host} is denied by the egress ACL")
         name_allowed = _matches(name, self.allow_domains)
+        verdicts = self._verdicts
 
         def check(ip: str) -> str | None:
-            address = ipaddress.ip_address(ip.partition("%")[0])
-            candidates = [address, *(_embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else ())]
-            for network in self.deny_networks:
-                if any(candidate.version == network.version and candidate in network for candidate in candidates):
-                    return f"denied by the egress ACL ({network})"
-            if name_allowed or self.allow_private:
-                return None
-            if any(address.version == network.version and address in network for network in self.allow_networks):
-                return None
-            return forbidden_reason(address)
+            key = (name_allowed, ip)
+            verdict = verdicts.get(key, _UNKNOWN)
+            if verdict is _UNKNOWN:
+                verdict = self._verdict(ip, name_allowed)
+                if len(verdicts) >= VERDICT_CACHE_SIZE:
+                    verdicts.clear()
+                verdicts[key] = verdict
+            return verdict  # type: ignore[return-value]
 
         return check
+
+    def _verdict(self, ip: str, name_allowed: bool) -> str | None:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+        candidates = [address, *(_embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else ())]
+        for network in self.deny_networks:
+            if any(candidate.version == network.version and candidate in network for candidate in candidates):
+                return f"denied by the egress ACL ({network})"
+        if name_allowed or self.allow_private:
+            return None
+        if any(address.version == network.version and address in network for network in self.allow_networks):
+            return None
+        return forbidden_reason(address)
+
+
+VERDICT_CACHE_SIZE = 4096
+_UNKNOWN = object()
 
 
 def _matches(name: str, suffixes: Iterable[str]) -> bool:

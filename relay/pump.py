@@ -67,7 +67,7 @@ class PumpResult:
 class _Direction:
     """One way through a session: from ``src`` to ``dst``."""
 
-    __slots__ = ("src", "dst", "decoder", "encode", "pending", "moved", "reading", "done", "head")
+    __slots__ = ("src", "dst", "decoder", "encode", "pending", "moved", "reading", "done", "head", "other")
 
     def __init__(self, src: Endpoint, dst: Endpoint) -> None:
         self.src = src.sock
@@ -80,6 +80,7 @@ class _Direction:
         self.done = False  # EOF from src seen, everything before it sent, dst shut for writing
         self.head = dst.first_flight  # plaintext that must go first, with the first data
         dst.first_flight = None
+        self.other: _Direction | None = None  # the way back
 
     def read(self) -> None:
         try:
@@ -126,7 +127,8 @@ class _Direction:
 
     def _finish(self) -> None:
         self.done = True
-        shutdown_quietly(self.dst, socket.SHUT_WR)
+        if not self.other.done:  # type: ignore[union-attr]  # else both sockets close now, with their FINs
+            shutdown_quietly(self.dst, socket.SHUT_WR)
 
 
 class _Flow:
@@ -139,6 +141,7 @@ class _Flow:
     ) -> None:
         self.up = _Direction(client, upstream)
         self.down = _Direction(upstream, client)
+        self.up.other, self.down.other = self.down, self.up
         self.client = client
         self.upstream = upstream
         self.timeout = timeout
@@ -184,6 +187,8 @@ class _Flow:
         self.connecting = False
         if self.head_due:
             self.up.send_head()
+        elif self.up.reading and self.up.pending is None:
+            self.up.read()  # the client has usually spoken by now: no need to wait for its event
 
     def head_wait_over(self) -> None:
         """FIRST_FLIGHT_WAIT passed without client data: the client waits for the server first."""

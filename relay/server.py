@@ -18,6 +18,7 @@ import logging
 import select
 import socket
 import socketserver
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ log = logging.getLogger("relay")
 BACKLOG = 1024
 ACCEPT_BACKOFF = 0.1  # seconds the accept loop sleeps when the process is out of descriptors
 ACCEPT_BATCH = 64  # connections the event loop accepts in one turn before serving others
+_INHERITS_NODELAY = sys.platform.startswith("linux")  # a listener's TCP_NODELAY passes to what it accepts
 _LISTEN_EVENTS = select.EPOLLIN if hasattr(select, "epoll") else select.POLLIN
 _ACCEPT_BACKOFF = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
@@ -234,7 +236,8 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
                     return
                 continue  # ECONNABORTED and the like: that connection is gone
             conn = socket.socket(self.address_family, socket.SOCK_STREAM, 0, fd)
-            tune(conn)
+            if not _INHERITS_NODELAY:
+                tune(conn)
             if not _DONTWAIT:
                 conn.setblocking(False)
             if self.verify_request(conn, client_address):
@@ -278,6 +281,7 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
 
     def server_activate(self) -> None:
         super().server_activate()
+        tune(self.socket)  # accepted connections inherit TCP_NODELAY (on Linux: _INHERITS_NODELAY)
         # accept() gives up after the idle timeout (EAGAIN), so that an extra acceptor can leave.
         set_receive_timeout(self.socket, shared_pool().idle_timeout)
 
@@ -298,7 +302,8 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
                 time.sleep(ACCEPT_BACKOFF)
             raise
         conn = socket.socket(self.address_family, socket.SOCK_STREAM, 0, fd)
-        tune(conn)
+        if not _INHERITS_NODELAY:
+            tune(conn)
         return conn, client_address
 
     def finish_request(self, request: socket.socket, client_address: Any) -> None:
@@ -431,7 +436,9 @@ class RelayHandler(socketserver.BaseRequestHandler):
         from a thread."""
         session = self.session
         session.target = target
-        self.server.hook.relay_target_chosen(session=session, target=target)
+        chosen = self.server.hook.relay_target_chosen
+        if chosen.get_hookimpls():
+            chosen(session=session, target=target)
         return self.reopen_upstream(target, evented=evented)
 
     def reopen_upstream(self, target: Address, *, evented: bool = False) -> Endpoint:
@@ -595,7 +602,9 @@ class _EventedSession:
         server = self.server
         server.track(self.conn)
         try:
-            server.hook.relay_session_started(session=self.session)
+            started = server.hook.relay_session_started
+            if started.get_hookimpls():  # pluggy's call costs microseconds even with nobody to call
+                started(session=self.session)
             self.handshake = self.handler.handshake(self.session)
         except Exception as e:  # noqa: BLE001 - a session's failure ends that session only
             self.end(e)
@@ -772,15 +781,19 @@ def _session_finished(server: RelayServer, session: Session, error: BaseExceptio
 
 
 def _log_end(session: Session, error: BaseException | None) -> None:
+    if error is None or isinstance(error, (OSError, RelayError)) and not isinstance(error, (ProtocolError, TargetRefused)):
+        level = logging.INFO
+    elif isinstance(error, (ProtocolError, TargetRefused)):
+        level = logging.WARNING
+    else:
+        level = logging.ERROR
+    if not log.isEnabledFor(level):
+        return  # the line is not built at all: most sessions of a quiet relay end here
     summary = f"{session}: {session.bytes_up} B up, {session.bytes_down} B down, {session.duration:.1f} s"
     if error is None:
-        log.info("%s", summary)
-    elif isinstance(error, (ProtocolError, TargetRefused)):
-        log.warning("%s: %s", summary, _describe(error))
-    elif isinstance(error, (OSError, RelayError)):
-        log.info("%s: %s", summary, _describe(error))
+        log.log(level, "%s", summary)
     else:
-        log.error("%s: %s", summary, _describe(error), exc_info=error)
+        log.log(level, "%s: %s", summary, _describe(error), exc_info=error if level == logging.ERROR else None)
 
 
 def _describe(error: BaseException) -> str:
