@@ -1,8 +1,9 @@
-"""The pump: the one place that moves established sessions' bytes.
+"""The pump: the process's event loop, and the one place that moves established sessions' bytes.
 
 One thread per process moves every session's bytes, both ways, waiting on all their sockets with
-one selector (epoll on Linux). A session's own thread does the handshake and then hands its two
-endpoints over (``Pump.start``); from then on, for each readable socket::
+one selector (epoll on Linux). Whoever did the handshake (the loop itself for an evented
+front-end, see relay.server; a pool thread otherwise) hands the two endpoints over
+(``Pump.start``); from then on, for each readable socket::
 
     recv_into(decoder buffer) -> decoder.received -> encoder.encode -> send (non-blocking)
 
@@ -19,6 +20,13 @@ back-and-forth, than the relaying itself.
 * Failure: the first error (reset, a chunk that fails authentication...) ends both directions.
 * First flight: plaintext an upstream must send first (a Shadowsocks client's target header)
   waits up to ``FIRST_FLIGHT_WAIT`` for the client's first data, to leave in one packet with it.
+* Connecting upstreams (``Endpoint.connecting``): nothing moves until the connect completes;
+  it fails the session with its error, or with TimeoutError after ``connect_timeout``.
+
+The loop also serves relay.server's evented sessions: ``watch``/``unwatch`` a socket for a
+callback, ``call_later`` timers (handshake deadlines), ``call_soon`` from other threads. All
+sockets stay in blocking mode and every recv and send says MSG_DONTWAIT: a mode switch is a
+system call, and one that releases the GIL.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ from __future__ import annotations
 import collections
 import functools
 import heapq
-import os
 import logging
+import os
 import select
 import socket
 import threading
@@ -134,7 +142,7 @@ class _Direction:
 class _Flow:
     """One session in the pump: two sockets, two directions."""
 
-    __slots__ = ("up", "down", "client", "upstream", "timeout", "on_done", "masks", "active", "connecting", "head_due", "timers", "ended")
+    __slots__ = ("up", "down", "client", "upstream", "timeout", "on_done", "cfd", "ufd", "cmask", "umask", "active", "connecting", "head_due", "timers", "ended")
 
     def __init__(
         self, client: Endpoint, upstream: Endpoint, timeout: float, on_done: Callable[[PumpResult], None], early: bytes
@@ -146,7 +154,8 @@ class _Flow:
         self.upstream = upstream
         self.timeout = timeout
         self.on_done = on_done
-        self.masks = {client.sock.fileno(): 0, upstream.sock.fileno(): 0}
+        self.cfd, self.ufd = client.sock.fileno(), upstream.sock.fileno()
+        self.cmask = self.umask = 0  # what each socket is registered for (0: not registered)
         self.active = time.monotonic()
         self.connecting = upstream.connecting  # until the upstream's connect completes: nothing moves
         self.head_due = False  # the first flight's wait ended while the upstream was connecting
@@ -157,16 +166,6 @@ class _Flow:
             self.up.moved += len(early)
             self.head_due = True
         self.ended = False
-
-    def wanted(self, reader: _Direction, sender: _Direction) -> int:
-        """What a socket waits for: input while the direction reading it has nothing pending
-        (backpressure), output while the other direction has bytes pending for it."""
-        if self.connecting:
-            return _OUT if reader is self.down else 0
-        mask = _IN if reader.reading and reader.pending is None else 0
-        if sender.pending is not None:
-            mask |= _OUT
-        return mask
 
     def handle(self, is_client: bool, events: int) -> None:
         if self.connecting:
@@ -343,6 +342,7 @@ class Pump:
                     self._update(flow)
                 except BaseException as e:  # noqa: BLE001 - whatever ends a session is its error
                     self._end(flow, e)
+            flow = entry = None  # type: ignore[assignment]  # an ended session is not kept until the next event
             while timers and timers[0][0] <= now:
                 entry = heapq.heappop(timers)
                 function, args = entry[2], entry[3]
@@ -354,10 +354,12 @@ class Pump:
                     function(*args)
                 except Exception:  # noqa: BLE001
                     log.exception("a timer failed")
+                function = args = None
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
                 for flow in [f for f in self._flows if now - f.active >= f.timeout]:
                     self._end(flow, TimeoutError("idle timeout"))
+                flow = None  # type: ignore[assignment]
 
     def _run_incoming(self) -> None:
         try:
@@ -375,8 +377,8 @@ class Pump:
 
     def _admit(self, flow: _Flow) -> None:
         self._flows.add(flow)
-        self._sockets[flow.client.sock.fileno()] = (flow, True)
-        self._sockets[flow.upstream.sock.fileno()] = (flow, False)
+        self._sockets[flow.cfd] = (flow, True)
+        self._sockets[flow.ufd] = (flow, False)
         if flow.up.head is not None and not flow.head_due:
             flow.timers.append(self.call_later(FIRST_FLIGHT_WAIT, self._guard, flow, flow.head_wait_over))
         if flow.connecting:
@@ -408,18 +410,32 @@ class Pump:
         if up.done and down.done:
             self._end(flow, None)
             return
-        masks = flow.masks
-        for fd, mask in ((up.src.fileno(), flow.wanted(up, down)), (down.src.fileno(), flow.wanted(down, up))):
-            registered = masks[fd]
-            if mask == registered:
-                continue
-            if not registered:
-                self._poller.register(fd, mask)
-            elif not mask:
-                self._poller.unregister(fd)
-            else:
-                self._poller.modify(fd, mask)
-            masks[fd] = mask
+        # What each socket waits for: input while the direction reading it has nothing pending
+        # (backpressure), output while the other direction has bytes pending for it; while the
+        # upstream connects, only its completion.
+        if flow.connecting:
+            cmask, umask = 0, _OUT
+        else:
+            cmask = _IN if up.reading and up.pending is None else 0
+            umask = _IN if down.reading and down.pending is None else 0
+            if down.pending is not None:
+                cmask |= _OUT
+            if up.pending is not None:
+                umask |= _OUT
+        if cmask != flow.cmask:
+            self._register(flow.cfd, flow.cmask, cmask)
+            flow.cmask = cmask
+        if umask != flow.umask:
+            self._register(flow.ufd, flow.umask, umask)
+            flow.umask = umask
+
+    def _register(self, fd: int, registered: int, mask: int) -> None:
+        if not registered:
+            self._poller.register(fd, mask)
+        elif not mask:
+            self._poller.unregister(fd)
+        else:
+            self._poller.modify(fd, mask)
 
     def _end(self, flow: _Flow, error: BaseException | None) -> None:
         """Unregister, close the upstream, and report; safe to call twice."""
@@ -429,7 +445,7 @@ class Pump:
         self._flows.discard(flow)
         for timer in flow.timers:
             timer.cancel()
-        for fd, registered in flow.masks.items():
+        for fd, registered in ((flow.cfd, flow.cmask), (flow.ufd, flow.umask)):
             self._sockets.pop(fd, None)
             if registered:
                 try:

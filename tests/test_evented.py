@@ -1,0 +1,237 @@
+"""Evented sessions: front-ends with a sans-I/O handshake (tunnel, shadowsocks) run in the event
+loop, with no thread per connection; unmarked hooks still run, in a thread; names resolve in a
+thread; connects fail and time out in the loop; nothing outlives its session."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import resource
+import socket
+import subprocess
+import threading
+import time
+import weakref
+
+from relay import Address, Endpoint, hookimpl, nonblocking
+from relay.net import connect_tcp
+from relay.plugin_manager import get_plugin_manager
+from relay.testing import free_port, make_config, recv_exactly, recv_until_eof, start_relay, wait_until
+
+from conftest import relay_command, relay_pair, subprocess_env
+from test_resources import cpu_seconds
+
+PUMP_THREAD = "relay-pump"
+
+
+def exchange(sock: socket.socket, data: bytes) -> bytes:
+    """Send ``data`` and read as much back, leaving the connection open."""
+    sock.sendall(data)
+    return recv_exactly(sock, len(data))
+
+
+@contextlib.contextmanager
+def tunnel_pair(pm, target: Address, **local_flags):
+    """A remote, and a tunnel local in front of it forwarding to ``target``; yields (local, remote)."""
+    with relay_pair(pm, local={"protocol": "tunnel", "forward": str(target), **local_flags}) as servers:
+        yield servers
+
+
+def test_tunnel_and_remote_run_many_sessions_without_a_thread_each(pm, echo_target):
+    with tunnel_pair(pm, echo_target) as (local, remote):
+        assert local.serves_evented() and remote.serves_evented()
+        with socket.create_connection(tuple(local.address), timeout=5) as sock:  # warm up: the pump exists
+            assert exchange(sock, b"warm") == b"warm"
+        threads = threading.active_count()
+        socks = [socket.create_connection(tuple(local.address), timeout=5) for _ in range(40)]
+        try:
+            for n, sock in enumerate(socks):
+                assert exchange(sock, b"hello %d" % n) == b"hello %d" % n
+            # The echo target runs a thread per connection; the relays add none.
+            assert threading.active_count() <= threads + 40 + 2
+            assert local.live_sessions == 40 * 2  # each session: the client and its upstream
+        finally:
+            for sock in socks:
+                sock.close()
+        assert wait_until(lambda: local.live_sessions == 0 and remote.live_sessions == 0, timeout=10)
+
+
+def test_nonblocking_hooks_run_in_the_loop_and_unmarked_ones_in_a_thread(echo_target):
+    where: dict[str, str] = {}
+
+    class Marked:
+        @hookimpl
+        @nonblocking
+        def relay_target_chosen(self, session, target):
+            where["target_chosen"] = threading.current_thread().name
+
+    class Unmarked:
+        @hookimpl
+        def relay_session_started(self, session):
+            where["session_started"] = threading.current_thread().name
+
+    pm = get_plugin_manager((Marked(),))
+    config = make_config("serve", pm, handler="tunnel", forward=str(echo_target), allow_private=True)
+    with start_relay(config, pm) as server:
+        assert server.serves_evented()
+        with socket.create_connection(tuple(server.address), timeout=5) as sock:
+            assert exchange(sock, b"marked") == b"marked"
+    assert where["target_chosen"] == PUMP_THREAD
+
+    pm = get_plugin_manager((Marked(), Unmarked()))
+    config = make_config("serve", pm, handler="tunnel", forward=str(echo_target), allow_private=True)
+    with start_relay(config, pm) as server:
+        assert not server.serves_evented()  # an unmarked relay_session_started: threads, as before
+        with socket.create_connection(tuple(server.address), timeout=5) as sock:
+            assert exchange(sock, b"unmarked") == b"unmarked"
+    assert where["session_started"] != PUMP_THREAD
+    assert where["target_chosen"] != PUMP_THREAD
+
+
+def test_an_unmarked_open_upstream_runs_in_a_thread(echo_target):
+    seen = []
+
+    class Redirect:
+        @hookimpl(tryfirst=True)
+        def relay_open_upstream(self, session, target):
+            seen.append(threading.current_thread().name)
+            return Endpoint(connect_tcp(echo_target, 5))  # blocking: allowed, since unmarked
+
+    pm = get_plugin_manager((Redirect(),))
+    config = make_config("serve", pm, handler="tunnel", forward="192.0.2.1:80", allow_private=True)
+    with start_relay(config, pm) as server:
+        assert server.serves_evented()
+        with socket.create_connection(tuple(server.address), timeout=5) as sock:
+            assert exchange(sock, b"redirected") == b"redirected"
+    assert seen and seen[0] != PUMP_THREAD
+
+
+def test_a_target_name_is_resolved_in_a_thread(pm, echo_target):
+    """The core's evented open raises WouldBlock for a name; the session goes on from a thread."""
+    with tunnel_pair(pm, Address("localhost", echo_target.port)) as (local, remote):
+        assert remote.serves_evented()
+        with socket.create_connection(tuple(local.address), timeout=5) as sock:
+            assert exchange(sock, b"by name") == b"by name"
+
+
+def test_a_refused_connect_ends_the_session(pm, caplog):
+    caplog.set_level(logging.INFO, logger="relay")
+    closed = Address("127.0.0.1", free_port())
+    config = make_config("serve", pm, handler="tunnel", forward=str(closed), allow_private=True)
+    with start_relay(config, pm) as server:
+        with socket.create_connection(tuple(server.address), timeout=5) as sock:
+            sock.sendall(b"anyone?")
+            assert recv_until_eof(sock) == b""
+        assert wait_until(lambda: server.live_sessions == 0, timeout=5)
+    assert "refused" in caplog.text.lower()
+
+
+def test_a_connect_that_hangs_times_out(pm, caplog):
+    """A listener whose accept queue is full drops SYNs: the connect hangs until connect_timeout."""
+    caplog.set_level(logging.INFO, logger="relay")
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fillers = []
+        try:
+            for _ in range(4):  # more than the queue holds
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(full.getsockname())
+                fillers.append(filler)
+            time.sleep(0.2)
+            target = Address("127.0.0.1", full.getsockname()[1])
+            config = make_config("serve", pm, handler="tunnel", forward=str(target), allow_private=True, connect_timeout=0.5)
+            with start_relay(config, pm) as server:
+                with socket.create_connection(tuple(server.address), timeout=5) as sock:
+                    started = time.monotonic()
+                    assert recv_until_eof(sock) == b""
+                    took = time.monotonic() - started
+                assert wait_until(lambda: server.live_sessions == 0, timeout=5)
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert 0.3 < took < 4.0, took
+    assert "timed out" in caplog.text
+
+
+def test_ended_sessions_are_not_kept_alive(echo_target):
+    """Handshake deadlines and connect timers are cancelled with their session: nothing the loop
+    holds keeps a finished session (and its buffers) alive until the timer would have been due."""
+    sessions: list[weakref.ref] = []
+
+    class Recorder:
+        @hookimpl
+        @nonblocking
+        def relay_session_started(self, session):
+            sessions.append(weakref.ref(session))
+
+    pm = get_plugin_manager((Recorder(),))
+    with relay_pair(pm, local={"protocol": "tunnel", "forward": str(echo_target)}) as (local, remote):
+        for n in range(30):
+            with socket.create_connection(tuple(local.address), timeout=5) as sock:
+                assert exchange(sock, b"%d" % n) == b"%d" % n
+        assert wait_until(lambda: local.live_sessions == 0 and remote.live_sessions == 0, timeout=10)
+        assert len(sessions) == 60  # 30 on each relay
+        assert wait_until(lambda: gc.collect() is not None and all(ref() is None for ref in sessions), timeout=5), [
+            ref() for ref in sessions if ref() is not None
+        ]
+
+
+def test_the_event_loop_backs_off_when_out_of_descriptors(tmp_path):
+    """An evented remote with 40 descriptors: accept must wait, not spin, and recover."""
+    port = free_port()
+    config = tmp_path / "remote.json"
+    config.write_text(
+        json.dumps(
+            {
+                "server": "127.0.0.1",
+                "server_port": port,
+                "method": "aes-256-gcm",
+                "password": "test password",
+                "handshake_timeout": 1,
+            }
+        )
+    )
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    args = [*relay_command(), "remote", "-c", str(config), "-q"]
+    proc = subprocess.Popen(args, preexec_fn=limit, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    held = []
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        time.sleep(1.5)  # the probe above is drained until its deadline
+        for _ in range(60):  # more than the remote can hold; silent: each waits for a first flight
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.3)
+        before = cpu_seconds(proc.pid)
+        time.sleep(0.7)  # within the held connections' 1 s deadline: the remote is still full
+        busy = (cpu_seconds(proc.pid) - before) / 0.7
+        assert busy < 0.3, f"the accept loop spins: {busy:.0%} CPU"
+        for sock in held:
+            sock.close()
+        held.clear()
+        time.sleep(1.5)
+        # Served again: a connection that sends garbage is drained, then closed at its deadline.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"not a shadowsocks flight" * 4)
+            started = time.monotonic()
+            assert recv_until_eof(sock) == b""
+            assert 0.3 < time.monotonic() - started < 3
+    finally:
+        for sock in held:
+            sock.close()
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert b"Traceback" not in err
+    assert b"backing off" in err
