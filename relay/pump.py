@@ -167,27 +167,31 @@ class _Flow:
             self.head_due = True
         self.ended = False
 
-    def handle(self, is_client: bool, events: int) -> None:
+    def handle(self, is_client: bool, events: int) -> bool:
+        """Act on a socket's events; True when the first flight must now wait for client data."""
         if self.connecting:
             if not is_client:
-                self.connected()
-            return
+                return self.connected()
+            return False
         reader, sender = (self.up, self.down) if is_client else (self.down, self.up)
         if events & _OUTISH and sender.pending is not None:
             sender.flush()
         if events & _INISH and reader.reading and reader.pending is None:
             reader.read()
+        return False
 
-    def connected(self) -> None:
+    def connected(self) -> bool:
         """The upstream's non-blocking connect finished: raise its error, or start moving."""
         code = self.upstream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
             raise OSError(code, os.strerror(code))
         self.connecting = False
+        up = self.up
         if self.head_due:
-            self.up.send_head()
-        elif self.up.reading and self.up.pending is None:
-            self.up.read()  # the client has usually spoken by now: no need to wait for its event
+            up.send_head()
+        elif up.reading and up.pending is None:
+            up.read()  # the client has usually spoken by now: no need to wait for its event
+        return up.head is not None and not self.head_due
 
     def head_wait_over(self) -> None:
         """FIRST_FLIGHT_WAIT passed without client data: the client waits for the server first."""
@@ -338,7 +342,8 @@ class Pump:
                     continue
                 flow.active = now
                 try:
-                    flow.handle(is_client, event)
+                    if flow.handle(is_client, event):
+                        self._wait_for_first_data(flow)
                     self._update(flow)
                 except BaseException as e:  # noqa: BLE001 - whatever ends a session is its error
                     self._end(flow, e)
@@ -379,14 +384,19 @@ class Pump:
         self._flows.add(flow)
         self._sockets[flow.cfd] = (flow, True)
         self._sockets[flow.ufd] = (flow, False)
-        if flow.up.head is not None and not flow.head_due:
-            flow.timers.append(self.call_later(FIRST_FLIGHT_WAIT, self._guard, flow, flow.head_wait_over))
         if flow.connecting:
+            # The first flight's wait starts once connected (``connected``): the client has
+            # usually spoken by then, and then no timer is needed at all.
             flow.timers.append(self.call_later(flow.upstream.connect_timeout, self._connect_timed_out, flow))
+        elif flow.up.head is not None and not flow.head_due:
+            self._wait_for_first_data(flow)
         elif flow.head_due:
             self._guard(flow, flow.up.send_head)
             return
         self._guard(flow, _nothing)
+
+    def _wait_for_first_data(self, flow: _Flow) -> None:
+        flow.timers.append(self.call_later(FIRST_FLIGHT_WAIT, self._guard, flow, flow.head_wait_over))
 
     def _connect_timed_out(self, flow: _Flow) -> None:
         if flow.connecting and not flow.ended:

@@ -92,6 +92,20 @@ class ListeningAddress:
         return Address(str(host), int(port))
 
 
+class SessionHooks:
+    """Which session hooks have implementations, and which may run in the event loop: looked up
+    once when a server starts serving (plugins are registered by then), not per session."""
+
+    __slots__ = ("started", "started_in_loop", "chosen", "open_in_loop", "finished")
+
+    def __init__(self, hook: Any) -> None:
+        self.started = bool(hook.relay_session_started.get_hookimpls())
+        self.started_in_loop = is_nonblocking(hook.relay_session_started)
+        self.chosen = bool(hook.relay_target_chosen.get_hookimpls())
+        self.open_in_loop = is_nonblocking(hook.relay_target_chosen) and is_nonblocking(hook.relay_open_upstream)
+        self.finished = bool(hook.relay_session_finished.get_hookimpls())
+
+
 class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TCPServer):
     """One listening socket of a relay.
 
@@ -127,6 +141,7 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
         self._is_shut_down.set()
         self._stop_serving = threading.Event()
         self._backoff: Any = None  # the pump timer that resumes accepting after a backoff
+        self.session_hooks = SessionHooks(hook)
         super().__init__(self._resolve(address), config.handler.handler)
 
     def verify_request(self, request: socket.socket, client_address: Any) -> bool:
@@ -170,6 +185,7 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
         ``poll_interval`` is socketserver's and unused: shutdown() wakes the acceptors at once.
         """
         self._is_shut_down.clear()
+        self.session_hooks = SessionHooks(self.hook)
         try:
             if self.serves_evented():
                 self._serve_in_loop()
@@ -199,7 +215,7 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
             and issubclass(handler, RelayHandler)
             and handler.handshake is not RelayHandler.handshake
             and all(getattr(handler, name) is getattr(RelayHandler, name) for name in ("setup", "handle", "finish"))
-            and is_nonblocking(self.hook.relay_session_started)
+            and self.session_hooks.started_in_loop
         )
 
     def _serve_in_loop(self) -> None:
@@ -436,9 +452,8 @@ class RelayHandler(socketserver.BaseRequestHandler):
         from a thread."""
         session = self.session
         session.target = target
-        chosen = self.server.hook.relay_target_chosen
-        if chosen.get_hookimpls():
-            chosen(session=session, target=target)
+        if self.server.session_hooks.chosen:  # pluggy's call costs microseconds even with nobody to call
+            self.server.hook.relay_target_chosen(session=session, target=target)
         return self.reopen_upstream(target, evented=evented)
 
     def reopen_upstream(self, target: Address, *, evented: bool = False) -> Endpoint:
@@ -602,9 +617,8 @@ class _EventedSession:
         server = self.server
         server.track(self.conn)
         try:
-            started = server.hook.relay_session_started
-            if started.get_hookimpls():  # pluggy's call costs microseconds even with nobody to call
-                started(session=self.session)
+            if server.session_hooks.started:
+                server.hook.relay_session_started(session=self.session)
             self.handshake = self.handler.handshake(self.session)
         except Exception as e:  # noqa: BLE001 - a session's failure ends that session only
             self.end(e)
@@ -669,10 +683,9 @@ class _EventedSession:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        hook = self.server.hook
         ready = self.handshake.ready  # type: ignore[union-attr]
         self.handshake = None
-        if not (is_nonblocking(hook.relay_target_chosen) and is_nonblocking(hook.relay_open_upstream)):
+        if not self.server.session_hooks.open_in_loop:
             shared_pool().submit(self.open_in_thread, ready, True)
             return
         try:
@@ -769,7 +782,7 @@ def end_session(server: RelayServer, session: Session, request: socket.socket, e
     server.session_ended(session.client_address)
     close_quietly(request)
     _log_end(session, error)
-    if server.hook.relay_session_finished.get_hookimpls():
+    if server.session_hooks.finished:
         shared_pool().submit(_session_finished, server, session, error)
 
 
