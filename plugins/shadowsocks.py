@@ -277,14 +277,17 @@ class ShadowsocksDatagramHandler(DatagramHandler):
         if _headed(config.cipher):
             self._handle_2022(data, sock)
             return
-        codec = _codec(self.server.data, config)
+        server_data = self.server.data
+        codec = _codec(server_data, config)
         try:
             target, payload = codec.decode(data)
         except ProtocolError:
             self.drop("undecryptable")
             return
         salt_size = getattr(config.cipher, "salt_size", None)
-        salts = replay_guard(config).filter("udp") if salt_size else None
+        salts = server_data.get("shadowsocks.udp_salts")
+        if salts is None and salt_size:
+            salts = server_data["shadowsocks.udp_salts"] = replay_guard(config).filter("udp")
         if salts is not None and not salts.add_if_new(bytes(data[:salt_size])):
             self.drop("replay")
             replay_guard(config).datagram_replayed(self.client_address)

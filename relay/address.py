@@ -75,31 +75,36 @@ def decode_address(data: bytes | bytearray | memoryview, offset: int = 0) -> tup
     atyp = data[offset]
     if atyp == AddressType.IPV4:
         end = offset + 1 + 4 + 2
-        if len(data) < end:
-            return None
-        host = "%d.%d.%d.%d" % (data[offset + 1], data[offset + 2], data[offset + 3], data[offset + 4])
     elif atyp == AddressType.IPV6:
         end = offset + 1 + 16 + 2
-        if len(data) < end:
-            return None
-        host = _ipv6_text(bytes(data[offset + 1 : offset + 17]))
     elif atyp == AddressType.DOMAIN:
         if available < 2:
             return None
-        length = data[offset + 1]
-        end = offset + 2 + length + 2
-        if len(data) < end:
-            return None
+        end = offset + 2 + data[offset + 1] + 2
+    else:
+        raise Socks5Error(ADDRESS_TYPE_NOT_SUPPORTED, f"unknown address type {atyp}")
+    if len(data) < end:
+        return None
+    return _decoded(bytes(data[offset:end])), end
+
+
+@functools.lru_cache(maxsize=4096)
+def _decoded(raw: bytes) -> Address:
+    """The Address of one whole wire address (cached: every datagram of a flow carries the same)."""
+    atyp = raw[0]
+    if atyp == AddressType.IPV4:
+        host = "%d.%d.%d.%d" % (raw[1], raw[2], raw[3], raw[4])
+    elif atyp == AddressType.IPV6:
+        host = _ipv6_text(raw[1:17])
+    else:
+        length = raw[1]
         if length == 0:
             raise ProtocolError("empty domain name")
         try:
-            host = bytes(data[offset + 2 : offset + 2 + length]).decode("ascii")
+            host = raw[2 : 2 + length].decode("ascii")
         except UnicodeDecodeError:
             raise ProtocolError("domain name is not ASCII") from None
-    else:
-        raise Socks5Error(ADDRESS_TYPE_NOT_SUPPORTED, f"unknown address type {atyp}")
-    port = int.from_bytes(data[end - 2 : end], "big")
-    return Address(host, port), end
+    return Address(host, int.from_bytes(raw[-2:], "big"))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -20,6 +20,7 @@ UDP packets are described at AeadDatagramCodec.
 from __future__ import annotations
 
 import hashlib
+from hashlib import sha1
 import os
 from collections.abc import Callable
 from typing import Any
@@ -66,8 +67,29 @@ def evp_bytes_to_key(password: bytes, key_size: int) -> bytes:
     return b"".join(blocks)[:key_size]
 
 
+_IPAD = bytes(byte ^ 0x36 for byte in range(256))  # HMAC's pads, as bytes.translate tables
+_OPAD = bytes(byte ^ 0x5C for byte in range(256))
+_SHA1_BLOCK = bytes(64)
+_INFO_1, _INFO_2 = b"ss-subkey\x01", b"ss-subkey\x02"
+
+
 def session_subkey(key: bytes, salt: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA1(), length=len(key), salt=salt, info=b"ss-subkey").derive(key)
+    """HKDF-SHA1 (RFC 5869) of the master key, with the salt, info "ss-subkey": SIP004's subkey.
+
+    Written out with hashlib for the lengths Shadowsocks uses (a salt of at most 64 bytes, a key
+    of at most 40): it runs once per stream and once per AEAD-2017 datagram, and this is half
+    again as fast as cryptography's HKDF object (tests check both agree)."""
+    if len(salt) > 64 or len(key) > 40:
+        return HKDF(algorithm=hashes.SHA1(), length=len(key), salt=salt, info=b"ss-subkey").derive(key)
+    padded = salt + _SHA1_BLOCK[len(salt) :]
+    prk = sha1(padded.translate(_OPAD) + sha1(padded.translate(_IPAD) + key).digest()).digest()
+    padded = prk + _SHA1_BLOCK[20:]
+    inner, outer = padded.translate(_IPAD), padded.translate(_OPAD)
+    t1 = sha1(outer + sha1(inner + _INFO_1).digest()).digest()
+    if len(key) <= 20:
+        return t1[: len(key)]
+    t2 = sha1(outer + sha1(inner + t1 + _INFO_2).digest()).digest()
+    return (t1 + t2)[: len(key)]
 
 
 class Aead2017Cipher:
@@ -230,9 +252,10 @@ class AeadDatagramCodec:
         """The address and payload of one packet; ProtocolError (DecryptError) if it is not one."""
         if len(packet) < self._salt_size + TAG_SIZE + 1:
             raise ProtocolError(f"datagram of {len(packet)} bytes is too short")
-        salt = bytes(packet[: self._salt_size])
+        view = memoryview(packet)
+        salt = bytes(view[: self._salt_size])
         try:
-            plaintext = self._aead(session_subkey(self._key, salt)).decrypt(_ZERO_NONCE, bytes(packet[self._salt_size :]), None)
+            plaintext = self._aead(session_subkey(self._key, salt)).decrypt(_ZERO_NONCE, view[self._salt_size :], None)
         except InvalidTag:
             raise DecryptError("datagram failed authentication (wrong password, or not a Shadowsocks peer)") from None
         decoded = decode_address(plaintext)

@@ -65,6 +65,16 @@ def test_subkey_is_hkdf_sha1_of_key_size():
     assert session_subkey(bytes(32), bytes(32)) != session_subkey(bytes(32), b"\x01" * 32)
 
 
+@given(key=st.binary(min_size=1, max_size=48), salt=st.binary(max_size=80))
+def test_subkey_agrees_with_cryptographys_hkdf(key, salt):
+    """session_subkey is HKDF written out with hashlib; cryptography's HKDF is the reference."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    expected = HKDF(algorithm=hashes.SHA1(), length=len(key), salt=salt or None, info=b"ss-subkey").derive(key)
+    assert session_subkey(key, salt) == expected
+
+
 @pytest.mark.parametrize("method", ["aes-128-gcm", "aes-256-gcm", "chacha20-ietf-poly1305"])
 def test_large_round_trip_splits_into_max_chunks(method):
     cipher = cipher_for(method)

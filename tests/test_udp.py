@@ -292,3 +292,26 @@ def test_a_burst_larger_than_a_batch_arrives_whole(pm, echo_udp):
             except TimeoutError:
                 pass
     assert len(got) == burst, f"{burst - len(got)} of {burst} lost"
+
+
+def test_association_table_refreshes_use_at_a_coarse_grain():
+    """A hit refreshes an entry's last use at most every REFRESH seconds; expiry and LRU eviction
+    follow those marks."""
+    from relay.associations import REFRESH, AssociationTable
+
+    now = [100.0]
+    table = AssociationTable(2, idle_timeout=10, clock=lambda: now[0])
+    table.add("a", 1)
+    table.add("b", 2)
+    now[0] += REFRESH / 2
+    assert table.get("a") == 1  # too soon to refresh: "a" is still the least recently used
+    assert table.add("c", 3) == [("a", 1)]
+    now[0] += REFRESH
+    assert table.get("b") == 2  # refreshed now: "c" is the oldest
+    assert table.add("d", 4) == [("c", 3)]
+    added_d = now[0]
+    now[0] += REFRESH
+    assert table.get("b") == 2  # refreshed: last used REFRESH after "d" was added
+    now[0] = added_d + 10
+    assert [key for key, _ in table.expire()] == ["d"]
+    assert table.get("b") == 2 and table.get("missing") is None
