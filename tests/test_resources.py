@@ -3,12 +3,14 @@ the process runs out of descriptors instead of spinning."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -113,15 +115,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_accept_backs_off_when_out_of_descriptors():
-    """With 40 descriptors the server runs out; it must wait, not spin, and recover afterwards."""
-    port = free_port()
+@contextlib.contextmanager
+def starved_relay(args: list[str], port: int, *, settle: float = 0.0, window: float = 2.0) -> Iterator[None]:
+    """Run ``relay ARGS`` (listening on ``port``) with 40 descriptors, hold more connections
+    than it can take, and check that accepting backs off instead of spinning (CPU over
+    ``window`` seconds); the block runs once they are closed again, to check recovery."""
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
 
-    args = [*relay_command(), "serve", "--handler", "echo", "--listen", f"127.0.0.1:{port}", "-q"]
-    proc = subprocess.Popen(args, preexec_fn=limit, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*relay_command(), *args], preexec_fn=limit, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     held = []
     try:
         deadline = time.monotonic() + 10
@@ -131,27 +136,35 @@ def test_accept_backs_off_when_out_of_descriptors():
                 break
             except OSError:
                 time.sleep(0.05)
-        for _ in range(60):  # more than the server can hold
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            held.append(sock)
-        time.sleep(0.5)
+        time.sleep(settle)
+        for _ in range(60):  # more than the relay can hold
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(0.3)
         before = cpu_seconds(proc.pid)
-        time.sleep(2.0)
-        busy = (cpu_seconds(proc.pid) - before) / 2.0
+        time.sleep(window)
+        busy = (cpu_seconds(proc.pid) - before) / window
         assert busy < 0.3, f"the accept loop spins: {busy:.0%} CPU"
         for sock in held:
             sock.close()
         held.clear()
         time.sleep(0.5)
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.settimeout(5)
-            sock.sendall(b"recovered")
-            assert sock.recv(100) == b"recovered"
+        yield
     finally:
         for sock in held:
             sock.close()
         proc.terminate()
         proc.wait(10)
-        stderr = proc.stderr.read().decode()
-        proc.stderr.close()
+        stderr = proc.stderr.read().decode()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
     assert "backing off" in stderr, stderr  # the limit was really hit
+    assert "Traceback" not in stderr, stderr
+
+
+def test_accept_backs_off_when_out_of_descriptors():
+    """With 40 descriptors the server runs out; it must wait, not spin, and recover afterwards."""
+    port = free_port()
+    with starved_relay(["serve", "--handler", "echo", "--listen", f"127.0.0.1:{port}", "-q"], port):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.settimeout(5)
+            sock.sendall(b"recovered")
+            assert sock.recv(100) == b"recovered"
