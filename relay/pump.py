@@ -158,7 +158,7 @@ class _Flow:
         self.cmask = self.umask = 0  # what each socket is registered for (0: not registered)
         self.active = time.monotonic()
         self.connecting = upstream.connecting  # until the upstream's connect completes: nothing moves
-        self.head_due = False  # the first flight's wait ended while the upstream was connecting
+        self.head_due = False  # the first flight goes as soon as it can: the client spoke already
         self.timers: list[_Timer] = []
         if early:
             # The client spoke during the handshake: its data leaves with the head, at once.
@@ -191,14 +191,7 @@ class _Flow:
             up.send_head()
         elif up.reading and up.pending is None:
             up.read()  # the client has usually spoken by now: no need to wait for its event
-        return up.head is not None and not self.head_due
-
-    def head_wait_over(self) -> None:
-        """FIRST_FLIGHT_WAIT passed without client data: the client waits for the server first."""
-        if self.connecting:
-            self.head_due = True
-        else:
-            self.up.send_head()
+        return up.head is not None  # the client has not: the first flight waits for it
 
 
 class _Timer:
@@ -396,7 +389,8 @@ class Pump:
         self._guard(flow, _nothing)
 
     def _wait_for_first_data(self, flow: _Flow) -> None:
-        flow.timers.append(self.call_later(FIRST_FLIGHT_WAIT, self._guard, flow, flow.head_wait_over))
+        # FIRST_FLIGHT_WAIT without client data: the client waits for the server to speak first.
+        flow.timers.append(self.call_later(FIRST_FLIGHT_WAIT, self._guard, flow, flow.up.send_head))
 
     def _connect_timed_out(self, flow: _Flow) -> None:
         if flow.connecting and not flow.ended:

@@ -236,6 +236,9 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
     def _accept_ready(self, events: int) -> None:
         """In the loop: accept what is queued (a bounded batch), and start each session."""
         listener = self.socket
+        if self._shutdown_requested:
+            self._stop_accepting()  # shutdown() shut the listener down: it reports a hang-up now
+            return
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, client_address = listener._accept()  # type: ignore[attr-defined]
@@ -794,10 +797,12 @@ def _session_finished(server: RelayServer, session: Session, error: BaseExceptio
 
 
 def _log_end(session: Session, error: BaseException | None) -> None:
-    if error is None or isinstance(error, (OSError, RelayError)) and not isinstance(error, (ProtocolError, TargetRefused)):
+    if error is None:
         level = logging.INFO
     elif isinstance(error, (ProtocolError, TargetRefused)):
         level = logging.WARNING
+    elif isinstance(error, (OSError, RelayError)):
+        level = logging.INFO
     else:
         level = logging.ERROR
     if not log.isEnabledFor(level):

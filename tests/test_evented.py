@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import socket
+import socketserver
 import threading
 import time
 import weakref
@@ -16,7 +17,7 @@ import weakref
 from relay import Address, Endpoint, hookimpl, nonblocking
 from relay.net import connect_tcp
 from relay.plugin_manager import get_plugin_manager
-from relay.testing import free_port, make_config, recv_exactly, recv_until_eof, start_relay, wait_until
+from relay.testing import free_port, make_config, recv_exactly, recv_until_eof, serve_in_thread, socks5_connect, start_relay, wait_until
 
 from conftest import relay_pair
 from test_resources import starved_relay
@@ -194,3 +195,25 @@ def test_the_event_loop_backs_off_when_out_of_descriptors(tmp_path):
             started = time.monotonic()
             assert recv_until_eof(sock) == b""
             assert 0.3 < time.monotonic() - started < 3
+
+
+class BannerHandler(socketserver.BaseRequestHandler):
+    """A target that speaks first (as SMTP and SSH servers do), then echoes."""
+
+    def handle(self) -> None:
+        self.request.sendall(b"220 hello\r\n")
+        while data := self.request.recv(1 << 16):
+            self.request.sendall(data)
+
+
+def test_a_target_that_speaks_first_is_reached_without_client_data(pm):
+    """The local sends the target header alone once FIRST_FLIGHT_WAIT passes without client data."""
+    with serve_in_thread(BannerHandler) as banner:
+        with tunnel_pair(pm, banner) as (local, _):
+            with socket.create_connection(tuple(local.address), timeout=5) as sock:
+                assert recv_exactly(sock, 11) == b"220 hello\r\n"
+                assert exchange(sock, b"EHLO") == b"EHLO"
+        with relay_pair(pm) as (local, _):  # socks5: the threaded front-end, the same pump
+            with socks5_connect(local.address, banner) as sock:
+                assert recv_exactly(sock, 11) == b"220 hello\r\n"
+                assert exchange(sock, b"EHLO") == b"EHLO"
