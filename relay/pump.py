@@ -171,7 +171,7 @@ class _Flow:
         """Act on a socket's events; True when the first flight must now wait for client data."""
         if self.connecting:
             if not is_client:
-                return self.connected()
+                return self.connected(events)
             return False
         reader, sender = (self.up, self.down) if is_client else (self.down, self.up)
         if events & _OUTISH and sender.pending is not None:
@@ -180,11 +180,13 @@ class _Flow:
             reader.read()
         return False
 
-    def connected(self) -> bool:
-        """The upstream's non-blocking connect finished: raise its error, or start moving."""
-        code = self.upstream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            raise OSError(code, os.strerror(code))
+    def connected(self, events: int) -> bool:
+        """The upstream's non-blocking connect finished: raise its error, or start moving.
+        Writable without an error or hang-up means connected: no SO_ERROR call then."""
+        if events & _GONE:
+            code = self.upstream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
         self.connecting = False
         up = self.up
         if self.head_due:
