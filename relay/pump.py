@@ -479,6 +479,9 @@ _shared_lock = threading.Lock()
 def shared_pump() -> Pump:
     """The process's pump, started on first use."""
     global _shared
+    shared = _shared
+    if shared is not None:  # the common case, without the lock (it is called several times a session)
+        return shared
     with _shared_lock:
         if _shared is None:
             _shared = Pump()

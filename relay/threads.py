@@ -75,6 +75,9 @@ _shared_lock = threading.Lock()
 def shared_pool() -> WorkerPool:
     """The process's pool, shared by every relay in it."""
     global _shared
+    shared = _shared
+    if shared is not None:  # the common case, without the lock (it is called several times a session)
+        return shared
     with _shared_lock:
         if _shared is None:
             _shared = WorkerPool()
