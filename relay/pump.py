@@ -52,6 +52,7 @@ __all__ = ["Pump", "PumpResult", "shared_pump", "FIRST_FLIGHT_WAIT"]
 log = logging.getLogger("relay")
 
 FIRST_FLIGHT_WAIT = 0.05
+MAX_EVENTS = 256  # per epoll wait: Python's default sizes (and allocates) a buffer of 1023 each call
 SWEEP_INTERVAL = 1.0
 
 # epoll where there is one (Linux), else poll: the same register/modify/unregister/poll calls.
@@ -319,7 +320,7 @@ class Pump:
         next_sweep = monotonic() + SWEEP_INTERVAL
         while True:
             wait = max(0.0, min(next_sweep, timers[0][0] if timers else next_sweep) - monotonic())
-            events = poll(wait * scale)
+            events = poll(wait * scale, MAX_EVENTS) if _EPOLL else poll(wait * scale)
             now = monotonic()
             for fd, event in events:
                 entry = sockets.get(fd)
