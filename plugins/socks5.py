@@ -1,6 +1,9 @@
 """The SOCKS5 front-end (RFC 1928): CONNECT to IPv4, IPv6 and domain-name targets, and UDP
 ASSOCIATE when the local relays UDP (``--udp``).
 
+The handshake is sans-I/O (Socks5Handshake): relay's event loop runs it, and replies once the
+upstream is connected or has failed.
+
 A UDP association lives as long as its TCP control connection: datagrams are accepted only from
 the client that asked for it (its IP, and the port it named or, if it named none, the port of its
 first datagram), and closing the control connection ends the association.
@@ -12,11 +15,10 @@ import errno
 import hmac
 import socket
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from relay import Address, HandlerSpec, ProtocolError, RelayHandler, Socks5Error, TargetRefused, hookimpl
+from relay import Address, Endpoint, Handshake, HandlerSpec, ProtocolError, Ready, RelayHandler, Session, Socks5Error, TargetRefused, hookimpl
 from relay.socks5 import (
     AuthResult,
     Command,
@@ -28,65 +30,22 @@ from relay.socks5 import (
     ReplyCode,
     Request,
     Socks5Server,
+    State,
+    NEED_DATA,
     build_datagram,
     parse_datagram,
 )
+from relay.server import send_quietly
 from relay.udp import DatagramHandler, RelayUDPServer
 
 
 class Socks5Handler(RelayHandler):
-    def handle(self) -> None:
-        conn = self.request
-        protocol = Socks5Server()
-        greeting = self.next_event(protocol)
-        assert isinstance(greeting, Greeting)
-        users = self.session.config.auth
-        method = Method.USERNAME_PASSWORD if users else Method.NO_AUTHENTICATION
-        if method not in greeting.methods:
-            conn.sendall(protocol.send(MethodSelection(Method.NO_ACCEPTABLE_METHODS)))
-            raise Socks5Error(ReplyCode.GENERAL_FAILURE, f"client does not offer {method.name.lower().replace('_', ' ')}")
-        conn.sendall(protocol.send(MethodSelection(method)))
-        if users:
-            self._authenticate(protocol, users)
-        try:
-            request = self.next_event(protocol)
-            assert isinstance(request, Request)
-            if request.command is Command.UDP_ASSOCIATE:
-                self._associate(protocol, request)
-                return
-            if request.command is not Command.CONNECT:
-                raise Socks5Error(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported")
-            upstream = self.open_upstream(request.target)
-        except (Socks5Error, TargetRefused, OSError) as e:
-            if protocol.state.name in ("REQUEST", "REPLYING"):
-                try:
-                    conn.sendall(protocol.send(Reply(reply_code_for(e))))
-                except OSError:
-                    pass  # the client is gone already
-            raise
-        if upstream.bound is not None:
-            bound = upstream.bound
-        elif upstream.encoder is None:  # a direct connection: its own address is the answer
-            host, port = upstream.sock.getsockname()[:2]
-            bound = Address(str(host), int(port))
-        else:
-            bound = Reply.bound  # through a tunnel the outgoing address is the remote's to know
-        conn.sendall(protocol.send(Reply(ReplyCode.SUCCEEDED, bound)))
-        self.relay(upstream, early=protocol.trailing_data)
+    """SOCKS5's handshake is sans-I/O (Socks5Handshake), so the event loop runs it; the UDP
+    ASSOCIATE command then holds its control connection in a thread (``_associate``)."""
 
-    def _authenticate(self, protocol: Socks5Server, users: Mapping[str, str]) -> None:
-        """RFC 1929: a wrong user or password is answered with failure, then the connection closes."""
-        try:
-            credentials = self.next_event(protocol)
-            assert isinstance(credentials, Credentials)
-            expected = users.get(credentials.username)
-            ok = expected is not None and hmac.compare_digest(expected.encode(), credentials.password.encode())
-        except ProtocolError:
-            self.request.sendall(protocol.send(AuthResult(False)))
-            raise
-        self.request.sendall(protocol.send(AuthResult(ok)))
-        if not ok:
-            raise ProtocolError("SOCKS5 authentication failed")
+    @classmethod
+    def handshake(cls, session: Session) -> Socks5Handshake:
+        return Socks5Handshake(session)
 
     def _associate(self, protocol: Socks5Server, request: Request) -> None:
         udp: RelayUDPServer | None = self.server.udp_server
@@ -120,6 +79,98 @@ class Socks5Handler(RelayHandler):
                 if now == moved:
                     return
                 moved = now
+
+
+_HANDSHAKE_BUFFER = 4096  # a greeting, RFC 1929 credentials or a request, and a first chunk of data
+
+
+class Socks5Handshake(Handshake):
+    """Greeting, method selection, RFC 1929 credentials, request; replies go in ``reply``.
+
+    CONNECT is ready with the target and replies once the upstream is connected (naming the
+    bound address) or failed (a reply code for the error). UDP ASSOCIATE is ready with ``serve``:
+    the handler's ``_associate`` holds the control connection in a thread.
+    """
+
+    def __init__(self, session: Session, buffer: memoryview | None = None) -> None:
+        self.users = session.config.auth
+        self.protocol = Socks5Server()
+        self.buffer = buffer if buffer is not None else memoryview(bytearray(_HANDSHAKE_BUFFER))
+
+    def recv_buffer(self) -> memoryview:
+        return self.buffer
+
+    def eof(self) -> None:
+        self.protocol.receive_data(b"")
+        self.received(0)  # the parser says what the client left unfinished
+        raise ProtocolError("closed during the SOCKS5 handshake")
+
+    def received(self, nbytes: int) -> None:
+        protocol = self.protocol
+        if nbytes:
+            protocol.receive_data(bytes(self.buffer[:nbytes]))
+        try:
+            while self.ready is None and (event := protocol.next_event()) is not NEED_DATA:
+                if isinstance(event, Greeting):
+                    self._choose_method(event)
+                elif isinstance(event, Credentials):
+                    self._authenticate(event)
+                else:
+                    self._request(event)
+        except ProtocolError as e:
+            if protocol.state is State.AUTHENTICATING:
+                self.reply += protocol.send(AuthResult(False))  # RFC 1929: unreadable credentials fail too
+            elif isinstance(e, Socks5Error):
+                self.reply += self._failed(e)
+            raise
+
+    def _choose_method(self, greeting: Greeting) -> None:
+        method = Method.USERNAME_PASSWORD if self.users else Method.NO_AUTHENTICATION
+        if method not in greeting.methods:
+            self.reply += self.protocol.send(MethodSelection(Method.NO_ACCEPTABLE_METHODS))
+            raise Socks5Error(ReplyCode.GENERAL_FAILURE, f"client does not offer {method.name.lower().replace('_', ' ')}")
+        self.reply += self.protocol.send(MethodSelection(method))
+
+    def _authenticate(self, credentials: Credentials) -> None:
+        """RFC 1929: a wrong user or password is answered with failure, then the connection closes."""
+        expected = self.users.get(credentials.username)
+        ok = expected is not None and hmac.compare_digest(expected.encode(), credentials.password.encode())
+        self.reply += self.protocol.send(AuthResult(ok))
+        if not ok:
+            raise ProtocolError("SOCKS5 authentication failed")
+
+    def _request(self, request: Request) -> None:
+        if request.command is Command.UDP_ASSOCIATE:
+            self.ready = Ready(None, serve=lambda handler: self._associate(handler, request))
+            return
+        if request.command is not Command.CONNECT:
+            raise Socks5Error(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported")
+        self.ready = Ready(
+            request.target, early=self.protocol.trailing_data, connected=self._succeeded, failed=self._failed
+        )
+
+    def _associate(self, handler: Socks5Handler, request: Request) -> None:
+        """In a thread: hold the association while the control connection lives."""
+        try:
+            handler._associate(self.protocol, request)
+        except (Socks5Error, OSError) as e:
+            send_quietly(handler.request, self._failed(e))
+            raise
+
+    def _succeeded(self, upstream: Endpoint) -> bytes:
+        if upstream.bound is not None:
+            bound = upstream.bound
+        elif upstream.encoder is None:  # a direct connection: its own address is the answer
+            host, port = upstream.sock.getsockname()[:2]
+            bound = Address(str(host), int(port))
+        else:
+            bound = Reply.bound  # through a tunnel the outgoing address is the remote's to know
+        return self.protocol.send(Reply(ReplyCode.SUCCEEDED, bound))
+
+    def _failed(self, error: BaseException) -> bytes:
+        if self.protocol.state.name not in ("REQUEST", "REPLYING"):
+            return b""  # not at the request yet: a SOCKS5 reply would be out of turn
+        return self.protocol.send(Reply(reply_code_for(error)))
 
 
 @dataclass(eq=False)

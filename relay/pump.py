@@ -143,10 +143,17 @@ class _Direction:
 class _Flow:
     """One session in the pump: two sockets, two directions."""
 
-    __slots__ = ("up", "down", "client", "upstream", "timeout", "on_done", "cfd", "ufd", "cmask", "umask", "active", "connecting", "head_due", "timers", "ended")
+    __slots__ = ("up", "down", "client", "upstream", "timeout", "on_done", "cfd", "ufd", "cmask", "umask", "active", "connecting", "on_connected", "on_failed", "head_due", "timers", "ended")
 
     def __init__(
-        self, client: Endpoint, upstream: Endpoint, timeout: float, on_done: Callable[[PumpResult], None], early: bytes
+        self,
+        client: Endpoint,
+        upstream: Endpoint,
+        timeout: float,
+        on_done: Callable[[PumpResult], None],
+        early: bytes,
+        on_connected: Callable[[], bytes] | None = None,
+        on_failed: Callable[[BaseException], bytes] | None = None,
     ) -> None:
         self.up = _Direction(client, upstream)
         self.down = _Direction(upstream, client)
@@ -159,6 +166,8 @@ class _Flow:
         self.cmask = self.umask = 0  # what each socket is registered for (0: not registered)
         self.active = time.monotonic()
         self.connecting = upstream.connecting  # until the upstream's connect completes: nothing moves
+        self.on_connected = on_connected  # what the client gets first once it does (a SOCKS5 reply)
+        self.on_failed = on_failed  # what it gets if it never does
         self.head_due = False  # the first flight goes as soon as it can: the client spoke already
         self.timers: list[_Timer] = []
         if early:
@@ -189,6 +198,10 @@ class _Flow:
             if code:
                 raise OSError(code, os.strerror(code))
         self.connecting = False
+        if self.on_connected is not None:
+            reply, self.on_connected = self.on_connected(), None
+            self.down.head = reply
+            self.down.send_head()  # plain bytes to the client, before anything from upstream
         up = self.up
         if self.head_due:
             up.send_head()
@@ -246,18 +259,24 @@ class Pump:
         timeout: float,
         on_done: Callable[[PumpResult], None],
         early: bytes = b"",
+        on_connected: Callable[[], bytes] | None = None,
+        on_failed: Callable[[BaseException], bytes] | None = None,
     ) -> None:
         """Move the session's bytes from now on; ``on_done(result)`` runs (in the pump thread)
         once both directions ended, after ``upstream`` was closed. The client socket is left to
         ``on_done``'s owner. ``early`` is client data read during the handshake: it goes
-        upstream first (after the upstream's ``first_flight``), counted as the client's."""
+        upstream first (after the upstream's ``first_flight``), counted as the client's.
+        ``on_connected()``, for a connecting upstream, gives bytes sent to the client first once
+        the connect completes; ``on_failed(error)`` the bytes it gets if the connect fails."""
         for sock in (client.sock, upstream.sock):
             # Non-blocking per call (MSG_DONTWAIT) rather than per socket: a socket without a
             # timeout needs no mode switch, a system call that releases the GIL.
             mode = sock.gettimeout()
             if mode != 0.0 and (mode is not None or not _DONTWAIT):
                 sock.setblocking(False)
-        flow = _Flow(client, upstream, timeout, on_done, early)
+        flow = _Flow(client, upstream, timeout, on_done, early, on_connected, on_failed) if upstream.connecting else _Flow(
+            client, upstream, timeout, on_done, early
+        )
         self.call_soon(self._admit, flow)
 
     def call_soon(self, function: Callable[..., None], *args: object) -> None:
@@ -460,6 +479,11 @@ class Pump:
                 except (KeyError, ValueError, OSError):
                     pass
         if error is not None:
+            if flow.connecting and flow.on_failed is not None:
+                try:  # the client's last word (a SOCKS5 failure reply), if its buffer takes it
+                    flow.client.sock.send(flow.on_failed(error), _DONTWAIT)
+                except Exception:  # noqa: BLE001 - the session is over either way
+                    pass
             for sock in (flow.client.sock, flow.upstream.sock):
                 shutdown_quietly(sock, socket.SHUT_RDWR)
         flow.upstream.close()

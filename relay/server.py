@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .address import Address
 from .config import Config
@@ -35,7 +35,7 @@ from .pump import _DONTWAIT, PumpResult, shared_pump
 from .session import Session
 from .threads import shared_pool
 
-__all__ = ["ListeningAddress", "RelayServer", "RelayHandler", "Handshake", "Ready", "drain", "discard_pending", "refusal", "run_handler", "start_terminal_handler", "log"]
+__all__ = ["ListeningAddress", "RelayServer", "RelayHandler", "Handshake", "Ready", "drain", "discard_pending", "send_quietly", "refusal", "run_handler", "start_terminal_handler", "log"]
 
 log = logging.getLogger("relay")
 
@@ -382,6 +382,7 @@ class RelayHandler(socketserver.BaseRequestHandler):
     server: RelayServer
     error: BaseException | None = None
     detached = False  # relay() handed the session to the pump, which ends it
+    pushback = b""  # client bytes read already (by an evented handshake): recv_handshake returns them first
     _unrelayed: list[Endpoint] | None = None  # upstreams opened but not (yet) handed to the pump
 
     @classmethod
@@ -403,7 +404,19 @@ class RelayHandler(socketserver.BaseRequestHandler):
         if handshake is None:
             raise NotImplementedError(f"{type(self).__name__} has neither handle() nor handshake()")
         ready = self.run_handshake(handshake)
-        self.relay(self.open_upstream(ready.target), decoder=ready.decoder, encoder=ready.encoder, early=ready.early)
+        if ready.serve is not None:
+            ready.serve(self)
+            return
+        assert ready.target is not None
+        try:
+            upstream = self.open_upstream(ready.target)
+            if ready.connected is not None:
+                self.request.sendall(ready.connected(upstream))
+        except Exception as e:
+            if ready.failed is not None:
+                send_quietly(self.request, ready.failed(e))
+            raise
+        self.relay(upstream, decoder=ready.decoder, encoder=ready.encoder, early=ready.early)
 
     def run_handshake(self, handshake: Handshake) -> Ready:
         """Read the client into ``handshake`` until it is ready, within the handshake deadline.
@@ -421,8 +434,12 @@ class RelayHandler(socketserver.BaseRequestHandler):
                     handshake.eof()
                     raise ProtocolError("closed during the handshake")
                 handshake.received(n)
+                if handshake.reply:
+                    conn.sendall(handshake.take_reply())
             return handshake.ready
         except ProtocolError as e:
+            if handshake.reply:
+                send_quietly(conn, handshake.take_reply())
             if not handshake.drain_on_failure:
                 raise
             failure = e
@@ -443,6 +460,9 @@ class RelayHandler(socketserver.BaseRequestHandler):
     def recv_handshake(self, size: int) -> bytes:
         """recv for the handshake: one deadline from accept (handshake_timeout) for all of it, so
         a client trickling a byte at a time cannot hold the session open longer."""
+        if self.pushback:
+            data, self.pushback = self.pushback[:size], self.pushback[size:]
+            return data
         left = self.session.started + self.session.config.handshake_timeout - time.monotonic()
         if left <= 0:
             raise TimeoutError("handshake timeout")
@@ -470,10 +490,21 @@ class RelayHandler(socketserver.BaseRequestHandler):
         self._unrelayed.append(upstream)
         return upstream
 
-    def relay(self, upstream: Endpoint, decoder: Any = None, encoder: Any = None, early: bytes = b"") -> None:
+    def relay(
+        self,
+        upstream: Endpoint,
+        decoder: Any = None,
+        encoder: Any = None,
+        early: bytes = b"",
+        *,
+        connected: Callable[[Endpoint], bytes] | None = None,
+        failed: Callable[[BaseException], bytes] | None = None,
+    ) -> None:
         """Hand the session to the pump, which moves its bytes until it ends and then ends it.
         ``decoder``/``encoder`` frame the client's side; ``early`` is client data the handshake
-        already read past, sent upstream first. Call it last in ``handle``."""
+        already read past, sent upstream first. Call it last in ``handle``. For an upstream
+        still connecting (``Endpoint.connecting``), ``connected(upstream)`` gives what the client
+        gets first once it connects, ``failed(error)`` what it gets if it does not."""
         session = self.session
         if self._unrelayed and upstream in self._unrelayed:
             self._unrelayed.remove(upstream)
@@ -490,7 +521,15 @@ class RelayHandler(socketserver.BaseRequestHandler):
         # has spoken already when there is early data: it leaves with the first flight at once.
         self.detached = True
         server.detach(request)
-        shared_pump().start(client, upstream, timeout=session.config.timeout, on_done=done, early=early)
+        shared_pump().start(
+            client,
+            upstream,
+            timeout=session.config.timeout,
+            on_done=done,
+            early=early,
+            on_connected=(lambda: connected(upstream)) if connected is not None else None,
+            on_failed=failed,
+        )
 
     def close_upstream(self, upstream: Endpoint) -> None:
         """Close an upstream that ``open_upstream`` gave and that will not be relayed."""
@@ -510,12 +549,22 @@ class RelayHandler(socketserver.BaseRequestHandler):
 @dataclass
 class Ready:
     """What a finished handshake says: where to connect, how the client's side is framed
-    (``decoder``/``encoder``, None for plain bytes), and client data read past the handshake."""
+    (``decoder``/``encoder``, None for plain bytes), and client data read past the handshake.
 
-    target: Address
+    ``connected(upstream)`` gives the bytes the client must get once the upstream is connected
+    (a SOCKS5 reply, which names the bound address), ``failed(error)`` those it gets when the
+    upstream cannot be opened or connected. ``serve(handler)``, instead of a target: the rest of
+    the session runs in a thread with the handler (a SOCKS5 UDP ASSOCIATE holds its control
+    connection open), and the session ends when it returns.
+    """
+
+    target: Address | None
     decoder: Any = None
     encoder: Any = None
     early: bytes = b""
+    connected: Callable[[Endpoint], bytes] | None = None
+    failed: Callable[[BaseException], bytes] | None = None
+    serve: Callable[[Any], None] | None = None
 
 
 class Handshake:
@@ -524,7 +573,9 @@ class Handshake:
     The driver (relay's event loop, or ``RelayHandler.run_handshake`` in a thread) receives into
     ``recv_buffer()`` and reports the count with ``received(n)`` until ``ready`` is set; at EOF
     it calls ``eof()``. ``received`` and ``eof`` raise ``ProtocolError`` to refuse the client.
-    A handshake that is ready at once (a tunnel's) sets ``ready`` before any read.
+    A handshake that is ready at once (a tunnel's) sets ``ready`` before any read. ``reply``
+    holds bytes for the client (a SOCKS5 method selection): the driver sends them after every
+    ``received``, and before the session ends when ``received`` raised.
 
     ``drain_on_failure``: refuse silently, as a Shadowsocks remote must (probe resistance): read
     and discard until the handshake deadline, after the client's EOF wait out the deadline all
@@ -534,6 +585,11 @@ class Handshake:
 
     ready: Ready | None = None
     drain_on_failure = False
+    reply = b""
+
+    def take_reply(self) -> bytes:
+        reply, self.reply = self.reply, b""
+        return reply
 
     def recv_buffer(self) -> memoryview:
         raise NotImplementedError
@@ -568,6 +624,14 @@ def drain(conn: socket.socket, deadline: float) -> None:
         discard_pending(conn)
     except OSError:
         return
+
+
+def send_quietly(conn: socket.socket, data: bytes) -> None:
+    """Send a last word (an error reply) without waiting: the client may be gone already."""
+    try:
+        conn.send(data, _DONTWAIT)
+    except OSError:
+        pass
 
 
 def discard_pending(conn: socket.socket) -> None:
@@ -642,9 +706,16 @@ class _EventedSession:
                 handshake.eof()
                 raise ProtocolError("closed during the handshake")
             handshake.received(n)
+            reply = handshake.take_reply()
+            # A handshake's replies are a few bytes to a socket that has sent nothing back
+            # yet: they fit its send buffer whole.
+            if reply and self.conn.send(reply, _DONTWAIT) < len(reply):
+                raise ProtocolError("the client does not read its replies")
         except BlockingIOError:
             return
         except ProtocolError as e:
+            if handshake.reply:
+                send_quietly(self.conn, handshake.take_reply())
             if not handshake.drain_on_failure:
                 self.end(e)
                 return
@@ -688,16 +759,19 @@ class _EventedSession:
             self.timer = None
         ready = self.handshake.ready  # type: ignore[union-attr]
         self.handshake = None
+        if ready.serve is not None:
+            shared_pool().submit(self.serve_in_thread, ready.serve)
+            return
         if not self.server.session_hooks.open_in_loop:
             shared_pool().submit(self.open_in_thread, ready, True)
             return
         try:
-            upstream = self.handler.open_upstream(ready.target, evented=True)
+            upstream = self.handler.open_upstream(ready.target, evented=True)  # type: ignore[arg-type]
         except WouldBlock:
             shared_pool().submit(self.open_in_thread, ready, False)
             return
         except Exception as e:  # noqa: BLE001
-            self.end(e)
+            self.fail(ready, e)
             return
         self.relay(upstream, ready)
 
@@ -705,23 +779,48 @@ class _EventedSession:
         handler = self.handler
         try:
             if with_target_hook:
-                upstream = handler.open_upstream(ready.target)
+                upstream = handler.open_upstream(ready.target)  # type: ignore[arg-type]
             else:
-                upstream = handler.reopen_upstream(ready.target)
+                upstream = handler.reopen_upstream(ready.target)  # type: ignore[arg-type]
         except Exception as e:  # noqa: BLE001
-            self.end(e)
+            self.fail(ready, e)
             return
         self.relay(upstream, ready)
 
+    def serve_in_thread(self, serve: Callable[[Any], None]) -> None:
+        error: BaseException | None = None
+        try:
+            serve(self.handler)
+        except Exception as e:  # noqa: BLE001 - a session's failure ends that session only
+            error = e
+        if self.handler.detached and error is None:
+            self.ended = True  # it relayed: the pump ends the session
+            return
+        self.end(error)
+
     def relay(self, upstream: Endpoint, ready: Ready) -> None:
         try:
-            self.handler.relay(upstream, decoder=ready.decoder, encoder=ready.encoder, early=ready.early)
+            if ready.connected is not None and not upstream.connecting:
+                self.conn.sendall(ready.connected(upstream))  # a few bytes, to a socket that has room
+            self.handler.relay(
+                upstream,
+                decoder=ready.decoder,
+                encoder=ready.encoder,
+                early=ready.early,
+                connected=ready.connected if upstream.connecting else None,
+                failed=ready.failed,
+            )
         except Exception as e:  # noqa: BLE001
-            self.end(e)
+            self.fail(ready, e)
             return
         self.ended = True  # the pump ends it
 
-    def end(self, error: BaseException) -> None:
+    def fail(self, ready: Ready, error: BaseException) -> None:
+        if ready.failed is not None:
+            send_quietly(self.conn, ready.failed(error))
+        self.end(error)
+
+    def end(self, error: BaseException | None) -> None:
         if self.ended:
             return
         self.ended = True

@@ -1,4 +1,4 @@
-"""Evented sessions: front-ends with a sans-I/O handshake (tunnel, shadowsocks) run in the event
+"""Evented sessions: front-ends with a sans-I/O handshake (tunnel, shadowsocks, socks5, mixed) run in the event
 loop, with no thread per connection; unmarked hooks still run, in a thread; names resolve in a
 thread; connects fail and time out in the loop; nothing outlives its session."""
 
@@ -14,12 +14,27 @@ import threading
 import time
 import weakref
 
+import pytest
+
 from relay import Address, Endpoint, hookimpl, nonblocking
 from relay.net import connect_tcp
 from relay.plugin_manager import get_plugin_manager
-from relay.testing import free_port, make_config, recv_exactly, recv_until_eof, serve_in_thread, socks5_connect, start_relay, wait_until
+from relay.address import encode_address, decode_address
+from relay.testing import (
+    Socks5UDPClient,
+    free_port,
+    make_config,
+    recv_exactly,
+    recv_until_eof,
+    serve_in_thread,
+    socks5_connect,
+    start_relay,
+    udp_echo_server,
+    wait_until,
+)
 
 from conftest import relay_pair
+from test_udp import UDP
 from test_resources import starved_relay
 
 PUMP_THREAD = "relay-pump"
@@ -217,3 +232,108 @@ def test_a_target_that_speaks_first_is_reached_without_client_data(pm):
             with socks5_connect(local.address, banner) as sock:
                 assert recv_exactly(sock, 11) == b"220 hello\r\n"
                 assert exchange(sock, b"EHLO") == b"EHLO"
+
+
+def socks5_reply(sock: socket.socket) -> tuple[int, Address]:
+    """Read a SOCKS5 reply: its code and bound address."""
+    head = recv_exactly(sock, 4)
+    size = {1: 4, 4: 16}.get(head[3])
+    tail = recv_exactly(sock, (size if size is not None else recv_exactly(sock, 1)[0]) + 2)
+    decoded = decode_address(head[3:] + tail)
+    assert decoded is not None
+    return head[1], decoded[0]
+
+
+def test_socks5_runs_in_the_loop_and_replies_once_connected(pm, echo_target):
+    """A direct SOCKS5 proxy: greeting, request and data in one flight; the reply names the
+    address the proxy connected from, the data arrives after it."""
+    with start_relay(make_config("serve", pm, handler="socks5", allow_private=True), pm) as proxy:
+        assert proxy.serves_evented()
+        with socket.create_connection(tuple(proxy.address), timeout=5) as sock:
+            sock.sendall(b"\x05\x01\x00" + b"\x05\x01\x00" + encode_address(echo_target) + b"early")
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            code, bound = socks5_reply(sock)
+            assert code == 0 and bound.host == "127.0.0.1" and bound.port != 0
+            assert recv_exactly(sock, 5) == b"early"
+            assert exchange(sock, b"later") == b"later"
+
+
+@pytest.mark.parametrize(
+    ("target", "code"),
+    [
+        (Address("127.0.0.1", 1), 5),  # refused: the evented connect fails in the pump
+        (Address("192.0.2.1", 80), 2),  # a private-address policy refusal: not allowed by ruleset
+        (Address("localhost", 1), 5),  # a name: resolved and refused in a thread
+    ],
+)
+def test_socks5_failure_replies(pm, target, code):
+    with start_relay(make_config("serve", pm, handler="socks5", allow_private=target.host != "192.0.2.1"), pm) as proxy:
+        with socket.create_connection(tuple(proxy.address), timeout=5) as sock:
+            sock.sendall(b"\x05\x01\x00" + b"\x05\x01\x00" + encode_address(target))
+            assert recv_exactly(sock, 2) == b"\x05\x00"
+            assert socks5_reply(sock)[0] == code
+            assert recv_until_eof(sock) == b""
+        assert wait_until(lambda: proxy.live_sessions == 0, timeout=5)
+
+
+def test_socks5_authentication_in_the_loop(pm, echo_target):
+    config = make_config("serve", pm, handler="socks5", allow_private=True, file={"auth": {"alice": "secret"}})
+    with start_relay(config, pm) as proxy:
+        assert proxy.serves_evented()
+        for password, verdict in ((b"secret", b"\x01\x00"), (b"wrong", b"\x01\x01")):
+            with socket.create_connection(tuple(proxy.address), timeout=5) as sock:
+                sock.sendall(b"\x05\x01\x02")
+                assert recv_exactly(sock, 2) == b"\x05\x02"
+                sock.sendall(b"\x01\x05alice" + bytes((len(password),)) + password)
+                assert recv_exactly(sock, 2) == verdict
+                if verdict == b"\x01\x00":
+                    sock.sendall(b"\x05\x01\x00" + encode_address(echo_target))
+                    assert socks5_reply(sock)[0] == 0
+                    assert exchange(sock, b"authenticated") == b"authenticated"
+                else:
+                    assert recv_until_eof(sock) == b""
+
+
+def test_socks5_udp_associate_from_the_loop(pm):
+    """UDP ASSOCIATE leaves the loop: the control connection is held in a thread."""
+    with udp_echo_server() as echo, relay_pair(pm, local={"protocol": "socks5", **UDP}, remote=UDP) as (local, _):
+        assert local.serves_evented()
+        with Socks5UDPClient(local.address) as client:
+            client.sendto(b"datagram", echo)
+            assert client.recvfrom()[0] == b"datagram"
+        assert wait_until(lambda: local.udp_server.live_sessions == 0, timeout=5)
+
+
+def through_mixed(local: Address, target: Address) -> None:
+    """One session each way the mixed port takes: SOCKS5, SOCKS4 and an HTTP CONNECT."""
+    with socks5_connect(local, target) as sock:
+        assert exchange(sock, b"five") == b"five"
+    with socket.create_connection(tuple(local), timeout=5) as sock:
+        sock.sendall(b"\x04\x01" + target.port.to_bytes(2, "big") + socket.inet_aton(target.host) + b"me\x00")
+        assert recv_exactly(sock, 8)[:2] == b"\x00\x5a"
+        assert exchange(sock, b"four") == b"four"
+    with socket.create_connection(tuple(local), timeout=5) as sock:
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += recv_exactly(sock, 1)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert exchange(sock, b"http") == b"http"
+
+
+@pytest.mark.parametrize("evented", [True, False], ids=["in the loop", "in threads"])
+def test_the_mixed_port_in_the_loop_and_in_threads(echo_target, evented):
+    """The local's default: SOCKS5 handshakes run in the loop; SOCKS4 and HTTP go on in a thread
+    with the bytes the loop read. With an unmarked session hook, everything runs in threads."""
+
+    class Unmarked:
+        @hookimpl
+        def relay_session_started(self, session):
+            pass
+
+    pm = get_plugin_manager(() if evented else (Unmarked(),))
+    with relay_pair(pm) as (local, _):
+        assert local.config.handler.name == "mixed"
+        assert local.serves_evented() is evented
+        through_mixed(local.address, echo_target)
+        assert wait_until(lambda: local.live_sessions == 0, timeout=5)
