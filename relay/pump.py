@@ -274,9 +274,7 @@ class Pump:
             mode = sock.gettimeout()
             if mode != 0.0 and (mode is not None or not _DONTWAIT):
                 sock.setblocking(False)
-        flow = _Flow(client, upstream, timeout, on_done, early, on_connected, on_failed) if upstream.connecting else _Flow(
-            client, upstream, timeout, on_done, early
-        )
+        flow = _Flow(client, upstream, timeout, on_done, early, on_connected, on_failed)  # both only while connecting
         self.call_soon(self._admit, flow)
 
     def call_soon(self, function: Callable[..., None], *args: object) -> None:
