@@ -38,7 +38,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from relay_plugins.http import _HOP_BY_HOP, HEAD_LIMIT, HttpProxyHandler, _absolute_target, _check_basic, _end_to_end, _head_size
+from relay_plugins.mixed import MixedHandshake
 from relay_plugins.shadowsocks import CIPHERS as ALL_CIPHERS
+from relay_plugins.socks5 import Socks5Handshake
 
 from relay import Address, ConfigError, ProtocolError, Socks5Error
 from relay.address import decode_address, encode_address, parse_host_port
@@ -283,6 +285,70 @@ def test_socks5_every_valid_seed_reaches_the_request():
     for data in SOCKS5_AUTH_SEEDS:
         seen, state, trailing = socks5_handshake([data], auth=True)
         assert state is State.REPLYING and isinstance(seen[1], Credentials) and trailing == b""
+
+
+def front_end(handshake: Any, chunks: list[bytes]) -> tuple:
+    """Drive a front-end's Handshake as the event loop does (write into recv_buffer, received,
+    send what it replies); an empty chunk is EOF. What it ends with and every byte it replied."""
+    replies = b""
+    try:
+        for chunk in chunks:
+            if handshake.ready is not None:
+                break  # the loop stops reading here: the rest is the upstream's
+            if not chunk:
+                handshake.eof()
+                raise AssertionError("eof() returned")
+            view = memoryview(chunk)
+            while view and handshake.ready is None:
+                buffer = handshake.recv_buffer()
+                n = min(len(buffer), len(view))
+                buffer[:n] = view[:n]
+                view = view[n:]
+                handshake.received(n)
+                replies += handshake.take_reply()
+    except ProtocolError as e:
+        return ("error", str(e), replies + handshake.take_reply())
+    ready = handshake.ready
+    if ready is None:
+        return ("more", None, replies)
+    return ("ready", (ready.target, ready.serve is not None), replies)
+
+
+def assert_front_end_same_however_split(make: Callable[[], Any], data: bytes, cuts: list[int]) -> None:
+    whole = front_end(make(), at_once(data))
+    assert front_end(make(), bytewise(data)) == whole
+    assert front_end(make(), split(data, cuts)) == whole
+    eof = front_end(make(), [*at_once(data), b""])
+    assert eof == whole or (eof[0] == "error" and whole[0] == "more")
+
+
+def socks5_session(auth: bool) -> Any:
+    return SimpleNamespace(config=SimpleNamespace(auth={"alice": "s3cret"} if auth else {}))
+
+
+@FAST
+@given(mutated(SOCKS5_SEEDS + SOCKS5_AUTH_SEEDS) | st.binary(max_size=120), st.lists(st.integers(0, 120), max_size=6), st.booleans())
+def test_socks5_and_mixed_front_end_handshakes_same_however_split(data, cuts, auth):
+    """The real SOCKS5 and mixed front-ends' handshakes (what the event loop runs): only
+    ProtocolError escapes, and the outcome and every reply byte are the same however the client's
+    bytes are split."""
+    session = socks5_session(auth)
+    assert_front_end_same_however_split(lambda: Socks5Handshake(session), data, cuts)
+    assert_front_end_same_however_split(lambda: MixedHandshake(session), data, cuts)
+
+
+def test_socks5_front_end_replies_to_the_seeds():
+    for data in SOCKS5_SEEDS:
+        kind, found, replies = front_end(Socks5Handshake(socks5_session(False)), [data])
+        command = data[2 + data[1] + 1]
+        if command == 2:  # BIND is refused with "command not supported"
+            assert kind == "error" and replies.endswith(b"\x05\x07\x00\x01" + bytes(6))
+        else:
+            assert kind == "ready" and replies == b"\x05\x00"
+    for data in SOCKS5_AUTH_SEEDS:
+        kind, found, replies = front_end(Socks5Handshake(socks5_session(True)), [data])
+        verdict = b"\x01\x00" if b"alice\x06s3cret" in data else b"\x01\x01"
+        assert replies == b"\x05\x02" + verdict and kind == ("ready" if verdict == b"\x01\x00" else "error")
 
 
 UDP_SEEDS = [b"\x00\x00\x00" + encode_address(a) + b"payload" for a in (Address("1.2.3.4", 53), Address("::1", 53), Address("example.com", 443))]
