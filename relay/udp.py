@@ -55,7 +55,7 @@ log = logging.getLogger("relay")
 MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 4 << 20  # room for bursts: the kernel caps it at net.core.rmem_max/wmem_max
 SWEEP_INTERVAL = 1.0
-BATCH = 64  # datagrams handled per wake-up, at most
+BATCH = 64  # answers read from one upstream socket per wake-up, at most
 _CHECKED_TARGETS = 256  # per association: targets that already passed relay_target_chosen
 _RESOLVE_TTL = 30.0
 
@@ -269,8 +269,8 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """socketserver's loop, without its select for relay's inline handlers: a blocking
-        recvfrom takes each datagram in one system call, where select, recvfrom and the final
-        EAGAIN of a batch took three (and the selector's Python more). SO_RCVTIMEO, set to
+        recvfrom takes each datagram in one system call, where select, recvfrom and a final
+        EAGAIN took up to three (and the selector's Python more). SO_RCVTIMEO, set to
         ``poll_interval``, lets the loop see a shutdown request."""
         if not getattr(self.RequestHandlerClass, "inline", False):
             super().serve_forever(poll_interval)
@@ -289,10 +289,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                     if self._shutdown_asked or sock.fileno() == -1:
                         return
                     continue  # an ICMP error queued on the socket: reported once, and gone
-                try:
-                    self.finish_request((data, sock), client_address)
-                except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
-                    self.handle_error((data, sock), client_address)
+                self.process_request((data, sock), client_address)
         finally:
             self._served.set()
 
@@ -304,26 +301,15 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         self._served.wait()
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """Inline handlers (relay's own front-ends, which never block) run in this thread; any
+        other handler in a thread of its own, as socketserver runs it."""
         if not getattr(self.RequestHandlerClass, "inline", False):
             super().process_request(request, client_address)
             return
-        # Inline handlers never block, so take every datagram already queued (up to a batch)
-        # before serve_forever selects again: one select per burst, not per datagram.
-        sock = self.socket
-        for left in range(BATCH - 1, -1, -1):
-            try:
-                self.finish_request(request, client_address)
-            except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
-                self.handle_error(request, client_address)
-            if not left:
-                return
-            try:
-                data, client_address = sock.recvfrom(self.max_packet_size, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return  # serve_forever's next get_request reports it
-            request = (data, sock)
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
+            self.handle_error(request, client_address)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         handler_class = self.RequestHandlerClass

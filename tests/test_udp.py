@@ -277,7 +277,7 @@ def test_udp_associate_without_udp_is_not_supported(pm, pair):
 
 
 def test_a_burst_larger_than_a_batch_arrives_whole(pm, echo_udp):
-    """Datagrams are taken in batches per wake-up; none may fall between two batches."""
+    """A burst queued faster than the server takes it: none may be lost between two reads."""
     burst = 300
     with udp_pair(pm, local={"protocol": "tunnel", "forward": echo_udp}) as (local, _):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
