@@ -46,8 +46,9 @@ class AssociationTable(Generic[K, V]):
         now = self._clock()
         if now - found[1] >= REFRESH:
             with self._lock:
-                if key in self._entries:
-                    self._entries[key] = (found[0], now)
+                current = self._entries.get(key)  # replaced or removed meanwhile: keep what is there
+                if current is not None:
+                    self._entries[key] = (current[0], now)
                     self._entries.move_to_end(key)
         return found[0]
 

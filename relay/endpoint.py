@@ -8,6 +8,7 @@ from typing import Callable
 
 from .address import Address
 from .codec import StreamDecoder, StreamEncoder
+from .config import DEFAULT_CONNECT_TIMEOUT
 
 __all__ = ["Endpoint"]
 
@@ -37,7 +38,7 @@ class Endpoint:
     bound: Address | None = None
     on_close: Callable[[], None] | None = field(default=None, repr=False)
     connecting: bool = False
-    connect_timeout: float = 10.0
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     def close(self) -> None:
         """Close the socket and run ``on_close``, once."""
