@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -60,7 +61,7 @@ from relay.aead2022 import PskChain, ReplayError, SaltStore
 from relay.codec import DatagramCodec
 from relay.net import connect_tcp, start_connect
 from relay.replay import SaltFilter
-from relay.udp import MAX_DATAGRAM, DatagramHandler, udp_socket
+from relay.udp import MAX_DATAGRAM, DatagramHandler, RelayUDPServer, udp_socket
 
 log = logging.getLogger("relay.shadowsocks")
 
@@ -271,61 +272,79 @@ def _count_replay(session: Session) -> int:
 
 
 class ShadowsocksDatagramHandler(DatagramHandler):
-    def handle(self) -> None:
-        data, sock = self.request
-        config = self.server.config
+    @classmethod
+    def receiver(cls, server: RelayUDPServer) -> Callable[[bytes, Any], None]:
+        config = server.config
         if _headed(config.cipher):
-            self._handle_2022(data, sock)
-            return
-        server_data = self.server.data
-        codec = _codec(server_data, config)
+            return _receiver_2022(server)
+        codec = _codec(server.data, config)
+        decode, encode = codec.decode, codec.encode
+        salt_size = getattr(config.cipher, "salt_size", None)  # None: a third-party cipher without salts
+        guard = replay_guard(config)
+        salts = guard.filter("udp") if salt_size else None
+        is_new = salts.add_if_new if salts is not None else None
+        remember = salts.add if salts is not None else None
+        sock = server.socket
+        find, associate, forward, drop = server.associations.get, server.associate, server.forward, server.drop
+
+        def receive(data: bytes, client: Any) -> None:
+            try:
+                target, payload = decode(data)
+            except ProtocolError:
+                drop("undecryptable", client)
+                return
+            if is_new is not None and not is_new(data[:salt_size]):
+                drop("replay", client)
+                guard.datagram_replayed(client)
+                return
+            association = find(client)
+            if association is None:
+
+                def reply(source: Address, answer: bytes) -> None:
+                    packet = encode(source, answer)
+                    if remember is not None:
+                        remember(packet[:salt_size])  # an answer sent back at this remote is refused like a replay
+                    sock.sendto(packet, client)
+
+                association = associate(client, reply)
+                if association is None:
+                    return
+            forward(association, target, payload)
+
+        return receive
+
+
+def _receiver_2022(server: RelayUDPServer) -> Callable[[bytes, Any], None]:
+    """SIP022 UDP: the packet names its client session; the association follows the session
+    (not the address, which a NAT may change), and answers go where it last spoke from."""
+    sessions = _udp_sessions(server)
+    guard = replay_guard(server.config)
+    sock = server.socket
+    find, associate, forward, drop = server.associations.get, server.associate, server.forward, server.drop
+
+    def receive(data: bytes, client: Any) -> None:
         try:
-            target, payload = codec.decode(data)
-        except ProtocolError:
-            self.drop("undecryptable")
-            return
-        salt_size = getattr(config.cipher, "salt_size", None)
-        salts = server_data.get("shadowsocks.udp_salts")
-        if salts is None and salt_size:
-            salts = server_data["shadowsocks.udp_salts"] = replay_guard(config).filter("udp")
-        if salts is not None and not salts.add_if_new(bytes(data[:salt_size])):
-            self.drop("replay")
-            replay_guard(config).datagram_replayed(self.client_address)
-            return
-        client = self.client_address
-
-        def reply(source: Address, answer: bytes) -> None:
-            packet = codec.encode(source, answer)
-            if salts is not None:
-                salts.add(packet[:salt_size])  # an answer sent back at this remote is refused like a replay
-            sock.sendto(packet, client)
-
-        association = self.association(reply)
-        if association is not None:
-            self.forward(association, target, payload)
-
-
-    def _handle_2022(self, data: bytes, sock: socket.socket) -> None:
-        """SIP022 UDP: the packet names its client session; the association follows the session
-        (not the address, which a NAT may change), and answers go where it last spoke from."""
-        sessions = _udp_sessions(self.server)
-        try:
-            session, target, payload = sessions.decode(data, self.client_address)
+            session, target, payload = sessions.decode(data, client)
         except ReplayError:
-            self.drop("replay")
-            replay_guard(self.server.config).datagram_replayed(self.client_address)
+            drop("replay", client)
+            guard.datagram_replayed(client)
             return
         except ProtocolError:
-            self.drop("undecryptable")
+            drop("undecryptable", client)
             return
-
-        def reply(source: Address, answer: bytes) -> None:
-            sock.sendto(session.encode(source, answer), session.client_address)
-
         session_id = session.client_session_id
-        association = self.association(reply, key=session_id, on_close=lambda: sessions.remove(session_id))
-        if association is not None:
-            self.forward(association, target, payload)
+        association = find(session_id)
+        if association is None:
+
+            def reply(source: Address, answer: bytes) -> None:
+                sock.sendto(session.encode(source, answer), session.client_address)
+
+            association = associate(client, reply, key=session_id, on_close=lambda: sessions.remove(session_id))
+            if association is None:
+                return
+        forward(association, target, payload)
+
+    return receive
 
 
 def _udp_sessions(server: Any) -> Any:

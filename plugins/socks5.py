@@ -16,6 +16,7 @@ import hmac
 import socket
 import threading
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from relay import Address, Endpoint, Handshake, HandlerSpec, ProtocolError, Ready, RelayHandler, Session, Socks5Error, TargetRefused, hookimpl
@@ -227,19 +228,28 @@ def _plain_ip(host: str) -> str:
 
 
 class Socks5DatagramHandler(DatagramHandler):
-    def handle(self) -> None:
-        data, sock = self.request
-        if not permits_of(self.server).allows(self.client_address):
-            self.drop("not associated")
-            return
-        datagram = parse_datagram(data)
-        if datagram.fragment:
-            self.drop("fragmented")
-            return
-        client = self.client_address
-        association = self.association(lambda source, payload: sock.sendto(build_datagram(source, payload), client))
-        if association is not None:
-            self.forward(association, datagram.address, datagram.payload)
+    @classmethod
+    def receiver(cls, server: RelayUDPServer) -> Callable[[bytes, Any], None]:
+        allows = permits_of(server).allows
+        sock = server.socket
+        find, associate, forward, drop = server.associations.get, server.associate, server.forward, server.drop
+
+        def receive(data: bytes, client: Any) -> None:
+            if not allows(client):
+                drop("not associated", client)
+                return
+            datagram = parse_datagram(data)
+            if datagram.fragment:
+                drop("fragmented", client)
+                return
+            association = find(client)
+            if association is None:
+                association = associate(client, lambda source, payload: sock.sendto(build_datagram(source, payload), client))
+                if association is None:
+                    return
+            forward(association, datagram.address, datagram.payload)
+
+        return receive
 
 
 def reply_code_for(error: BaseException) -> ReplyCode:

@@ -3,8 +3,11 @@ fixed target; answers to a datagram go back to its sender."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from relay import Handshake, HandlerSpec, Ready, RelayHandler, Session, hookimpl
-from relay.udp import DatagramHandler
+from relay.udp import DatagramHandler, RelayUDPServer
 
 
 class TunnelHandler(RelayHandler):
@@ -19,12 +22,21 @@ class TunnelHandler(RelayHandler):
 
 
 class TunnelDatagramHandler(DatagramHandler):
-    def handle(self) -> None:
-        data, sock = self.request
-        client = self.client_address
-        association = self.association(lambda source, payload: sock.sendto(payload, client))
-        if association is not None:
-            self.forward(association, self.server.config.forward, data)
+    @classmethod
+    def receiver(cls, server: RelayUDPServer) -> Callable[[bytes, Any], None]:
+        target = server.config.forward
+        sock = server.socket
+        find, associate, forward = server.associations.get, server.associate, server.forward
+
+        def receive(data: bytes, client: Any) -> None:
+            association = find(client)
+            if association is None:
+                association = associate(client, lambda source, payload: sock.sendto(payload, client))
+                if association is None:
+                    return
+            forward(association, target, data)
+
+        return receive
 
 
 @hookimpl

@@ -206,10 +206,32 @@ class DatagramHandler(socketserver.BaseRequestHandler):
         association(reply)        the client's association, created on its first datagram
         forward(association, target, payload)
         drop(reason)              count (and debug-log) a datagram that goes nowhere
+
+    A front-end may also override ``receiver``, which the server calls once: what it returns
+    handles every datagram, without a handler instance per datagram.
     """
 
     inline = True
     server: RelayUDPServer
+
+    @classmethod
+    def receiver(cls, server: RelayUDPServer) -> Callable[[bytes, Any], None]:
+        """The function that handles each datagram of ``server``: ``receive(data,
+        client_address)``, called in the server's thread; whatever it raises drops that datagram
+        (counted, see ``RelayUDPServer.handle_error``).
+
+        Called once per server, when it starts serving. The default runs the class as
+        socketserver does, an instance per datagram. At tens of thousands of datagrams a second,
+        that instance and the per-server state each ``handle`` looks up again (codecs, the
+        association table) are a good part of the cost: a front-end can return a closure that
+        holds them instead, using ``server.associations.get``, ``server.associate``,
+        ``server.forward`` and ``server.drop`` as the helpers above do."""
+        sock = server.socket
+
+        def receive(data: bytes, client_address: Any) -> None:
+            cls((data, sock), client_address, server)
+
+        return receive
 
     def association(
         self, reply: Callable[[Address, bytes], None], key: Any = None, on_close: Callable[[], None] | None = None
@@ -255,6 +277,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         self._stopping = threading.Event()
         self._shutdown_asked = False
         self._served = threading.Event()  # serve_forever is not running
+        self._receive: Callable[[bytes, Any], None] | None = None
         self._served.set()
         self._wake_reader, self._waker = socket.socketpair()  # server_close wakes the reader at once
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
@@ -279,6 +302,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         sock = self.socket
         set_receive_timeout(sock, poll_interval)
         size = self.max_packet_size
+        receive = self._receiver()
         try:
             while not self._shutdown_asked:
                 try:
@@ -289,9 +313,29 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                     if self._shutdown_asked or sock.fileno() == -1:
                         return
                     continue  # an ICMP error queued on the socket: reported once, and gone
-                self.process_request((data, sock), client_address)
+                try:
+                    receive(data, client_address)
+                except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
+                    self.handle_error((data, sock), client_address)
         finally:
             self._served.set()
+
+    def _receiver(self) -> Callable[[bytes, Any], None]:
+        """The inline handler's per-datagram function (``DatagramHandler.receiver``), built on
+        first use: plugins' ``relay_configure`` and the server's own setup have run by then."""
+        receive = self._receive
+        if receive is None:
+            handler_class = self.RequestHandlerClass
+            if issubclass(handler_class, DatagramHandler):
+                receive = handler_class.receiver(self)
+            else:
+                sock = self.socket
+
+                def receive(data: bytes, client_address: Any) -> None:
+                    self.finish_request((data, sock), client_address)
+
+            self._receive = receive
+        return receive
 
     def shutdown(self) -> None:
         if not getattr(self.RequestHandlerClass, "inline", False):
@@ -307,7 +351,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             super().process_request(request, client_address)
             return
         try:
-            self.finish_request(request, client_address)
+            self._receiver()(request[0], client_address)
         except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
             self.handle_error(request, client_address)
 

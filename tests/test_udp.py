@@ -108,6 +108,39 @@ def test_serve_udp_handlers(pm, handler, expected):
             assert sock.recv(1024) == expected
 
 
+def test_a_datagram_front_end_written_the_socketserver_way(echo_udp):
+    """A third-party front-end that only defines ``handle()`` runs as socketserver runs it, an
+    instance per datagram, through the default ``DatagramHandler.receiver``; the bundled ones
+    return closures instead, and both reach the same association and forward helpers."""
+    from relay import HandlerSpec, RelayHandler
+    from relay.udp import DatagramHandler
+
+    seen = []
+
+    class Bracketed(DatagramHandler):
+        def handle(self):
+            data, sock = self.request
+            seen.append(type(self))
+            client = self.client_address
+            association = self.association(lambda source, payload: sock.sendto(b"[" + payload + b"]", client))
+            if association is not None:
+                self.forward(association, self.server.config.forward, data)
+
+    class Plugin:
+        @hookimpl
+        def relay_register_handlers(self):
+            return [HandlerSpec("bracketed", RelayHandler, "datagrams to --forward, answers in brackets", Bracketed)]
+
+    pm = get_plugin_manager((Plugin(),))
+    with udp_pair(pm, local={"protocol": "bracketed", "forward": str(echo_udp)}) as (local, _):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            for payload in (b"one", b"two"):
+                sock.sendto(payload, tuple(local.address))
+                assert sock.recv(65535) == b"[" + payload + b"]"
+    assert seen == [Bracketed, Bracketed]
+
+
 def test_remote_handler_answers_tunnelled_datagrams(pm):
     with udp_pair(pm, remote={"handler": "uppercase"}) as (local, _):
         with Socks5UDPClient(local.address) as client:
