@@ -15,7 +15,9 @@ Structure: two generations, each a fixed table of ``slots`` 64-bit words (open a
 linear probing; 0 marks a free slot) holding at most ``capacity`` fingerprints, so at most 3/4
 full::
 
-    fingerprint = BLAKE2b-64(salt, key = 16 random bytes of this filter), never 0
+    fingerprint = SipHash-64(salt), Python's hash of bytes, keyed at random per process, never 0
+                  (BLAKE2b-64 keyed with 16 random bytes of this filter where PYTHONHASHSEED
+                  turns that randomness off, or on a build without a 64-bit SipHash)
     slots       = ceil(capacity * 4 / 3)
 
     salts are recorded here           consulted too, then dropped
@@ -34,7 +36,7 @@ Guarantees, for a salt recorded at time t:
 * It is forgotten before t + 2 * ``window`` (sooner when ``capacity`` more salts come first).
 * False positives: a salt never recorded is reported as seen only if its 64-bit fingerprint
   equals one of the at most 2 * ``capacity`` stored, probability below 2 * capacity / 2**64
-  (1.1e-13 with the defaults). The key is random per filter, so nobody can aim for that.
+  (1.1e-13 with the defaults). The key is random, so nobody can aim for that.
 * Memory: exactly ``2 * slots * 8`` bytes of tables once both generations exist (the previous one
   appears at the first rotation; a rotation frees the oldest table before allocating its
   replacement, so there are never three), plus a few hundred bytes of objects: ``nbytes``.
@@ -42,8 +44,8 @@ Guarantees, for a salt recorded at time t:
   (20.3 MiB), for up to 2,000,000 salts.
 * Thread-safe: ``add_if_new`` checks and records under one lock, so of two connections sending
   the same flight at the same moment exactly one sees "new".
-* Cost: one keyed BLAKE2b and a few table reads per call (a few microseconds in CPython),
-  so it can run for every datagram too.
+* Cost: one keyed hash and a few table reads per call (about a microsecond in CPython), so it
+  runs for every datagram too.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from __future__ import annotations
 import array
 import hashlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +69,10 @@ Replays have been seen from a second to a day after the flight (shadowsocks-org#
 MAX_CAPACITY = 100_000_000  # 1 GiB of tables per generation: beyond that, a typo rather than a plan
 
 _SLOT_BYTES = 8
+_MASK = (1 << 64) - 1
+# Python's own hash of bytes is SipHash with a key drawn at random per process, unless
+# PYTHONHASHSEED fixes it: a keyed 64-bit fingerprint for a tenth of BLAKE2b's cost in CPython.
+_SIPHASH = bool(sys.flags.hash_randomization) and sys.hash_info.width == 64 and sys.hash_info.algorithm.startswith("siphash")
 
 
 def table_slots(capacity: int) -> int:
@@ -117,6 +124,8 @@ class SaltFilter:
         self._lock = threading.Lock()
         self._current = _Generation(self.slots, clock())
         self._previous: _Generation | None = None
+        self._expiry = 0.0
+        self._schedule_expiry()
         self.rotations = 0
 
     def __repr__(self) -> str:
@@ -148,10 +157,11 @@ class SaltFilter:
 
     def add_if_new(self, salt: bytes) -> bool:
         """Record ``salt`` and return True; or return False, recording nothing, if it is remembered."""
-        fingerprint = self._fingerprint(salt)
+        fingerprint = hash(bytes(salt)) & _MASK or 1 if _SIPHASH else self._fingerprint(salt)  # once per datagram: inline
         with self._lock:
             now = self._clock()
-            self._expire(now)
+            if now >= self._expiry:
+                self._expire(now)
             if self._previous is not None and self._find(self._previous, fingerprint) < 0:
                 return False
             return self._insert(fingerprint, now)
@@ -167,6 +177,8 @@ class SaltFilter:
     # -- internals (with the lock held, except _fingerprint)
 
     def _fingerprint(self, salt: bytes) -> int:
+        if _SIPHASH:
+            return hash(bytes(salt)) & _MASK or 1
         return int.from_bytes(hashlib.blake2b(salt, digest_size=8, key=self._key).digest(), "little") or 1
 
     def _find(self, generation: _Generation, fingerprint: int) -> int:
@@ -203,12 +215,21 @@ class SaltFilter:
                 self._current.opened = now  # nothing to keep: no need for a second table yet
         if self._previous is not None and now - self._previous.opened >= 2 * self.window:
             self._previous = None
+        self._schedule_expiry()
+
+    def _schedule_expiry(self) -> None:
+        """When ``_expire`` has something to do next (add_if_new skips it until then)."""
+        expiry = self._current.opened + self.window
+        if self._previous is not None:
+            expiry = min(expiry, self._previous.opened + 2 * self.window)
+        self._expiry = expiry
 
     def _rotate(self, now: float, full: bool) -> None:
         retired = self._current
         self._previous = None  # free the oldest table before allocating: never three generations
         self._previous = retired
         self._current = _Generation(self.slots, now)
+        self._schedule_expiry()
         self.rotations += 1
         if self._on_rotate is not None:
             self._on_rotate(now - retired.opened, full)
