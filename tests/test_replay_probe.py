@@ -14,6 +14,8 @@ import os
 import random
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -448,6 +450,28 @@ def test_filter_records_and_reports_salts():
     salts.add(b"b" * 32)
     assert not salts.add_if_new(b"b" * 32)
     assert len(salts) == 2
+
+
+@pytest.mark.parametrize("seed", ["random", "0"])
+def test_filter_fingerprints_with_and_without_hash_randomization(seed):
+    """Fingerprints are Python's SipHash of the salt when the process's hash key is random, and
+    the filter's own keyed BLAKE2b when PYTHONHASHSEED fixes it (an attacker could compute
+    SipHash then); either way salts of any bytes-like type are remembered alike."""
+    script = (
+        "import os\n"
+        "from relay import replay\n"
+        "salts = replay.SaltFilter(capacity=1000, window=60)\n"
+        "for i in range(500):\n"
+        "    salt = os.urandom(32)\n"
+        "    assert salts.add_if_new(salt)\n"
+        "    assert not salts.add_if_new(bytearray(salt)) and memoryview(salt) in salts\n"
+        "assert salts.add_if_new(b'x' * 32) and bytearray(b'x' * 32) in salts\n"
+        "print(replay._SIPHASH)\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("True" if seed == "random" else "False")
 
 
 def test_filter_window_with_an_injected_clock():
