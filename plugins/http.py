@@ -26,12 +26,14 @@ from urllib.parse import urlsplit
 
 import h11
 
-from relay import Address, Endpoint, HandlerSpec, ProtocolError, RelayHandler, TargetRefused, hookimpl
+from relay import Address, Endpoint, Handshake, HandlerSpec, ProtocolError, Ready, RelayHandler, Session, TargetRefused, hookimpl
 from relay.address import parse_host_port
 from relay.codec import PlainDecoder
+from relay.server import send_quietly
 
 HEAD_LIMIT = 64 * 1024
 """Bytes a request or response head may take: the bound on the header section."""
+_HANDSHAKE_BUFFER = 4096  # one read of a request head: h11 gathers a longer one, up to HEAD_LIMIT
 
 _HOP_BY_HOP = frozenset(
     b"connection proxy-connection keep-alive te trailer upgrade proxy-authorization proxy-authenticate".split()
@@ -39,8 +41,84 @@ _HOP_BY_HOP = frozenset(
 _SERVER = b"relay"
 
 
+class HttpHandshake(Handshake):
+    """The first request head, sans-I/O (h11), so that a CONNECT runs in relay's event loop.
+
+    A CONNECT is ready with its target and the bytes the client sent past the head; the client
+    gets ``200 Connection established`` once the upstream is connected, or an error response if
+    it is refused (403) or cannot be reached (502). Any other request (an absolute http:// URI:
+    bodies, keep-alive, pipelining) is ready with ``serve``: ``HttpProxyHandler.serve_requests``
+    goes on in a thread, reading first every byte read here. A malformed or oversized head (400,
+    431) and a missing or wrong credential (407) are answered, and the session ends.
+    """
+
+    def __init__(self, session: Session, buffer: memoryview | None = None) -> None:
+        self.users = session.config.auth
+        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
+        self.buffer = buffer if buffer is not None else memoryview(bytearray(_HANDSHAKE_BUFFER))
+        self.read = b""  # everything received, for a thread that serves a plain request
+
+    def recv_buffer(self) -> memoryview:
+        return self.buffer
+
+    def eof(self) -> None:
+        self.http.receive_data(b"")
+        self._next_request()  # h11 says what the client left unfinished (a 400), if anything
+        raise ProtocolError("closed before sending a request")
+
+    def received(self, nbytes: int) -> None:
+        data = bytes(self.buffer[:nbytes])
+        self.read += data
+        self.http.receive_data(data)
+        self._next_request()
+
+    def _next_request(self) -> None:
+        try:
+            event = self.http.next_event()
+        except h11.RemoteProtocolError as e:
+            status = e.error_status_hint
+            raise self._refuse(status, "request head too large" if status == 431 else "bad request", e) from None
+        if event is h11.NEED_DATA:
+            return
+        if isinstance(event, h11.ConnectionClosed):
+            raise ProtocolError("closed before sending a request")
+        if not isinstance(event, h11.Request):
+            raise ProtocolError(f"unexpected {type(event).__name__} from the client")
+        if _head_size(event) > HEAD_LIMIT:
+            raise self._refuse(431, "request head too large", ProtocolError(f"request head over {HEAD_LIMIT} bytes"))
+        if self.users and not _authorized(event.headers, self.users):
+            self.reply = _response(self.http, *_NEEDS_CREDENTIALS)
+            raise ProtocolError("proxy authentication failed")
+        if event.method != b"CONNECT":
+            read = self.read
+            self.ready = Ready(None, serve=lambda handler: handler.serve_requests(pushback=read))
+            return
+        try:
+            target = parse_host_port(event.target.decode("ascii"), what="CONNECT target")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise self._refuse(400, "bad CONNECT target", ProtocolError(str(e))) from None
+        early, _ = self.http.trailing_data
+        self.ready = Ready(target, early=bytes(early), connected=self._established, failed=lambda error: _failure_response(self.http, target, error))
+
+    def _established(self, upstream: Endpoint) -> bytes:
+        return self.http.send(h11.Response(status_code=200, reason=b"Connection established", headers=[])) or b""
+
+    def _refuse(self, status: int, reason: str, error: BaseException) -> BaseException:
+        self.reply = _error_response(self.http, status, reason)
+        return _as_relay_error(error)
+
+
 class HttpProxyHandler(RelayHandler):
-    def handle(self) -> None:
+    handle = RelayHandler.handle  # drives HttpHandshake, in the loop or (without one) in a thread
+
+    @classmethod
+    def handshake(cls, session: Session) -> HttpHandshake:
+        return HttpHandshake(session)
+
+    def serve_requests(self, pushback: bytes = b"") -> None:
+        """Serve the connection's requests in this thread, from the first head on (``pushback``:
+        what the handshake read of it)."""
+        self.pushback = pushback
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
         self.upstream: _Upstream | None = None
         self._served = False  # a request was answered: later heads are not the handshake
@@ -95,30 +173,16 @@ class HttpProxyHandler(RelayHandler):
     def _send(self, *events: h11.Event) -> None:
         self.request.sendall(b"".join(self.http.send(event) or b"" for event in events))
 
-    def _respond(self, status: int, reason: str, text: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        """A whole small response; the connection closes after it."""
-        body = (text + "\n").encode()
-        head = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Content-Length", str(len(body)).encode()), (b"Connection", b"close"), *headers]
-        try:
-            self._send(h11.Response(status_code=status, reason=reason.encode(), headers=head), h11.Data(data=body), h11.EndOfMessage())
-        except (h11.LocalProtocolError, OSError):
-            pass  # the client is gone, or is not in a state to be answered
-
     def _fail(self, status: int, reason: str, error: BaseException) -> None:
-        phrases = {400: "Bad Request", 431: "Request Header Fields Too Large", 502: "Bad Gateway", 403: "Forbidden"}
-        self._respond(status, phrases.get(status, reason), f"relay: {reason}")
+        """A whole small error response; the connection closes after it."""
+        send_quietly(self.request, _error_response(self.http, status, reason))
         self.error = _as_relay_error(error)
 
     def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
         users = self.session.config.auth
-        if not users:
+        if not users or _authorized(headers, users):
             return True
-        for name, value in headers:
-            if name == b"proxy-authorization":
-                scheme, _, credentials = value.partition(b" ")
-                if scheme.lower() == b"basic" and _check_basic(credentials.strip(), users):
-                    return True
-        self._respond(407, "Proxy Authentication Required", "relay: proxy authentication required", [(b"Proxy-Authenticate", b'Basic realm="relay"')])
+        send_quietly(self.request, _response(self.http, *_NEEDS_CREDENTIALS))
         self.error = ProtocolError("proxy authentication failed")
         return False
 
@@ -132,11 +196,9 @@ class HttpProxyHandler(RelayHandler):
             return
         try:
             upstream = self.open_upstream(target)
-        except TargetRefused as e:
-            self._fail(403, "target refused", e)
-            return
-        except OSError as e:
-            self._fail(502, f"cannot reach {target}", e)
+        except (TargetRefused, OSError) as e:
+            send_quietly(self.request, _failure_response(self.http, target, e))
+            self.error = e
             return
         self._send(h11.Response(status_code=200, reason=b"Connection established", headers=[]))
         early, _ = self.http.trailing_data
@@ -252,6 +314,41 @@ class _Upstream:
 
     def reusable(self) -> bool:
         return self.http.our_state is h11.DONE and self.http.their_state is h11.DONE
+
+
+_PHRASES = {400: "Bad Request", 403: "Forbidden", 431: "Request Header Fields Too Large", 502: "Bad Gateway"}
+_NEEDS_CREDENTIALS = (407, "Proxy Authentication Required", "relay: proxy authentication required", [(b"Proxy-Authenticate", b'Basic realm="relay"')])
+
+
+def _response(http: h11.Connection, status: int, reason: str, text: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> bytes:
+    """A whole small response for the connection to close after; b"" if ``http`` is in no
+    state to answer."""
+    body = (text + "\n").encode()
+    head = [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Content-Length", str(len(body)).encode()), (b"Connection", b"close"), *headers]
+    try:
+        return b"".join(http.send(event) or b"" for event in (h11.Response(status_code=status, reason=reason.encode(), headers=head), h11.Data(data=body), h11.EndOfMessage()))
+    except h11.LocalProtocolError:
+        return b""
+
+
+def _error_response(http: h11.Connection, status: int, reason: str) -> bytes:
+    return _response(http, status, _PHRASES.get(status, reason), f"relay: {reason}")
+
+
+def _failure_response(http: h11.Connection, target: Address, error: BaseException) -> bytes:
+    """What a CONNECT gets when its target cannot be opened: 403 refused, else 502."""
+    if isinstance(error, TargetRefused):
+        return _error_response(http, 403, "target refused")
+    return _error_response(http, 502, f"cannot reach {target}")
+
+
+def _authorized(headers: Iterable[tuple[bytes, bytes]], users: dict[str, str]) -> bool:
+    for name, value in headers:
+        if name == b"proxy-authorization":
+            scheme, _, credentials = value.partition(b" ")
+            if scheme.lower() == b"basic" and _check_basic(credentials.strip(), users):
+                return True
+    return False
 
 
 def _absolute_target(target: bytes) -> tuple[Address, bytes]:

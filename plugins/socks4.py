@@ -5,36 +5,68 @@ from __future__ import annotations
 
 import socket
 
-from relay import Address, HandlerSpec, ProtocolError, RelayHandler, TargetRefused, hookimpl
+from relay import Address, Endpoint, Handshake, HandlerSpec, ProtocolError, Ready, RelayHandler, Session, hookimpl
 from relay.errors import Socks4Error
-from relay.socks4 import Command, ReplyCode, Socks4Reply, Socks4Request, Socks4Server
+from relay.socks4 import NEED_DATA, Command, ReplyCode, Socks4Reply, Socks4Server, State
+
+_HANDSHAKE_BUFFER = 1024  # a request with a user id and a 4a host name fits, or is read in parts
 
 
 class Socks4Handler(RelayHandler):
-    def handle(self) -> None:
-        conn = self.request
-        protocol = Socks4Server()
+    handle = RelayHandler.handle  # drives Socks4Handshake, in the loop or (without one) in a thread
+
+    @classmethod
+    def handshake(cls, session: Session) -> Socks4Handshake:
+        return Socks4Handshake(session)
+
+
+class Socks4Handshake(Handshake):
+    """The request, sans-I/O; ready with its target once it is whole. The client is granted
+    once the upstream is connected (with the address it connected from, for a direct IPv4
+    connection), else rejected; a request refused outright (BIND, a bad field, authentication
+    required) is rejected at once."""
+
+    def __init__(self, session: Session, buffer: memoryview | None = None) -> None:
+        self.auth_required = bool(session.config.auth)
+        self.protocol = Socks4Server()
+        self.buffer = buffer if buffer is not None else memoryview(bytearray(_HANDSHAKE_BUFFER))
+
+    def recv_buffer(self) -> memoryview:
+        return self.buffer
+
+    def eof(self) -> None:
+        self.protocol.receive_data(b"")
+        self.received(0)  # the parser says what the client left unfinished
+        raise ProtocolError("closed during the SOCKS4 request")
+
+    def received(self, nbytes: int) -> None:
+        protocol = self.protocol
+        if nbytes:
+            protocol.receive_data(bytes(self.buffer[:nbytes]))
         try:
-            request = self.next_event(protocol)
-            assert isinstance(request, Socks4Request)
-            if self.session.config.auth:
+            request = protocol.next_event()
+            if request is NEED_DATA:
+                return
+            if self.auth_required:
                 raise Socks4Error(ReplyCode.REJECTED_OR_FAILED, "SOCKS4 cannot authenticate, and this local requires it")
             if request.command is not Command.CONNECT:
                 raise Socks4Error(ReplyCode.REJECTED_OR_FAILED, f"{request.command.name} is not supported")
-            upstream = self.open_upstream(request.target)
-        except (Socks4Error, TargetRefused, OSError):
-            if protocol.state.name in ("REQUEST", "REPLYING"):
-                try:
-                    conn.sendall(protocol.send(Socks4Reply(ReplyCode.REJECTED_OR_FAILED)))
-                except (OSError, ProtocolError):
-                    pass
+        except Socks4Error as e:
+            self.reply = self._rejected(e)
             raise
+        self.ready = Ready(request.target, early=protocol.trailing_data, connected=self._granted, failed=self._rejected)
+
+    def _granted(self, upstream: Endpoint) -> bytes:
         bound = Address("0.0.0.0", 0)
         if upstream.encoder is None and upstream.sock.family == socket.AF_INET:
             host, port = upstream.sock.getsockname()[:2]
             bound = Address(host, port)
-        conn.sendall(protocol.send(Socks4Reply(ReplyCode.GRANTED, bound)))
-        self.relay(upstream, early=protocol.trailing_data)
+        return self.protocol.send(Socks4Reply(ReplyCode.GRANTED, bound))
+
+    def _rejected(self, error: BaseException) -> bytes:
+        if self.protocol.state not in (State.REQUEST, State.REPLYING):
+            return b""
+        return self.protocol.send(Socks4Reply(ReplyCode.REJECTED_OR_FAILED))
 
 
 @hookimpl

@@ -17,7 +17,7 @@ No hook runs per chunk of data: per-chunk work is done by the objects a hook ret
 encoder and decoder, an upstream's socket), which the pump calls directly.
 
 Where session hooks run. A front-end whose handshake is a sans-I/O object
-(``RelayHandler.handshake``: tunnel, shadowsocks, socks5, mixed for SOCKS5) runs its sessions in relay's
+(``RelayHandler.handshake``: tunnel, shadowsocks, socks5, socks4, http, mixed) runs its sessions in relay's
 event loop, with no thread per connection, as long as every implementation of the session hooks
 it calls there is marked ``@relay.nonblocking``: a promise that it returns promptly, without
 waiting on the network, a resolver, or a lock held for long. An unmarked implementation is

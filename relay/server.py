@@ -439,7 +439,7 @@ class RelayHandler(socketserver.BaseRequestHandler):
             return handshake.ready
         except ProtocolError as e:
             if handshake.reply:
-                send_quietly(conn, handshake.take_reply())
+                answer(conn, handshake.take_reply())
             if not handshake.drain_on_failure:
                 raise
             failure = e
@@ -634,6 +634,14 @@ def send_quietly(conn: socket.socket, data: bytes) -> None:
         pass
 
 
+def answer(conn: socket.socket, data: bytes) -> None:
+    """A refusal's last word (an error response, a failure reply) before the close: sent
+    without waiting, then what the client had sent already is read, so that the close is a FIN
+    and the client gets to read the answer (a close with unread bytes would be a reset)."""
+    send_quietly(conn, data)
+    discard_pending(conn)
+
+
 def discard_pending(conn: socket.socket) -> None:
     """Read what has arrived already, without waiting, so that closing sends a FIN: a socket
     closed with unread bytes sends a reset, which would tell a prober something."""
@@ -715,7 +723,7 @@ class _EventedSession:
             return
         except ProtocolError as e:
             if handshake.reply:
-                send_quietly(self.conn, handshake.take_reply())
+                answer(self.conn, handshake.take_reply())
             if not handshake.drain_on_failure:
                 self.end(e)
                 return

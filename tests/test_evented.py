@@ -1,4 +1,4 @@
-"""Evented sessions: front-ends with a sans-I/O handshake (tunnel, shadowsocks, socks5, mixed) run in the event
+"""Evented sessions: front-ends with a sans-I/O handshake (tunnel, shadowsocks, socks5, socks4, http, mixed) run in the event
 loop, with no thread per connection; unmarked hooks still run, in a thread; names resolve in a
 thread; connects fail and time out in the loop; nothing outlives its session."""
 
@@ -304,6 +304,75 @@ def test_socks5_udp_associate_from_the_loop(pm):
         assert wait_until(lambda: local.udp_server.live_sessions == 0, timeout=5)
 
 
+def read_head(sock: socket.socket) -> bytes:
+    head = b""
+    for _ in range(4096):
+        if head.endswith(b"\r\n\r\n"):
+            break
+        head += recv_exactly(sock, 1)
+    return head
+
+
+def where_targets_are_chosen() -> tuple[dict, list[str]]:
+    """A plugin that notes the thread each target is chosen in (the loop's, or a pool thread)."""
+    seen: list[str] = []
+
+    class Note:
+        @hookimpl
+        @nonblocking
+        def relay_target_chosen(self, session, target):
+            seen.append(threading.current_thread().name)
+
+    return get_plugin_manager((Note(),)), seen
+
+
+def test_http_connect_runs_in_the_loop_and_answers_once_connected(echo_target):
+    """An HTTP proxy's CONNECT is a handshake like SOCKS5's: the head and early data in one
+    flight, "200 Connection established" once the upstream is connected, then the data; a plain
+    http:// request still works, served in a thread."""
+    pm, seen = where_targets_are_chosen()
+    with start_relay(make_config("serve", pm, handler="http", allow_private=True), pm) as proxy:
+        assert proxy.serves_evented()
+        with socket.create_connection(tuple(proxy.address), timeout=5) as sock:
+            sock.sendall(f"CONNECT {echo_target} HTTP/1.1\r\nHost: {echo_target}\r\n\r\nearly".encode())
+            assert read_head(sock) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+            assert recv_exactly(sock, 5) == b"early"
+            assert exchange(sock, b"later") == b"later"
+        assert seen == [PUMP_THREAD]
+        closed = free_port()
+        for target, status in ((f"127.0.0.1:{closed}", b"502"), ("localhost:" + str(closed), b"502"), ("[::1", b"400")):
+            with socket.create_connection(tuple(proxy.address), timeout=5) as sock:
+                sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert recv_until_eof(sock).startswith(b"HTTP/1.1 " + status), target
+        assert wait_until(lambda: proxy.live_sessions == 0, timeout=5)
+    with start_relay(make_config("serve", pm, handler="http", allow_private=False), pm) as proxy:
+        with socket.create_connection(tuple(proxy.address), timeout=5) as sock:
+            sock.sendall(f"CONNECT {echo_target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert recv_until_eof(sock).startswith(b"HTTP/1.1 403 ")
+
+
+def test_socks4_runs_in_the_loop_and_is_granted_once_connected(echo_target):
+    pm, seen = where_targets_are_chosen()
+    with start_relay(make_config("serve", pm, handler="socks4", allow_private=True), pm) as proxy:
+        assert proxy.serves_evented()
+        with socket.create_connection(tuple(proxy.address), timeout=5) as sock:
+            sock.sendall(b"\x04\x01" + echo_target.port.to_bytes(2, "big") + socket.inet_aton(echo_target.host) + b"me\x00early")
+            reply = recv_exactly(sock, 8)
+            assert reply[:2] == b"\x00\x5a" and reply[2:4] != b"\x00\x00"  # granted, from the port it connected from
+            assert recv_exactly(sock, 5) == b"early"
+            assert exchange(sock, b"later") == b"later"
+        assert seen == [PUMP_THREAD]
+        closed = free_port()
+        for request in (
+            b"\x04\x01" + closed.to_bytes(2, "big") + socket.inet_aton("127.0.0.1") + b"\x00",  # refused
+            b"\x04\x02" + closed.to_bytes(2, "big") + socket.inet_aton("127.0.0.1") + b"\x00",  # BIND
+        ):
+            with socket.create_connection(tuple(proxy.address), timeout=5) as sock:
+                sock.sendall(request)
+                assert recv_until_eof(sock) == b"\x00\x5b" + bytes(6)
+        assert wait_until(lambda: proxy.live_sessions == 0, timeout=5)
+
+
 def through_mixed(local: Address, target: Address) -> None:
     """One session each way the mixed port takes: SOCKS5, SOCKS4 and an HTTP CONNECT."""
     with socks5_connect(local, target) as sock:
@@ -314,17 +383,14 @@ def through_mixed(local: Address, target: Address) -> None:
         assert exchange(sock, b"four") == b"four"
     with socket.create_connection(tuple(local), timeout=5) as sock:
         sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            head += recv_exactly(sock, 1)
-        assert head.startswith(b"HTTP/1.1 200")
+        assert read_head(sock).startswith(b"HTTP/1.1 200")
         assert exchange(sock, b"http") == b"http"
 
 
 @pytest.mark.parametrize("evented", [True, False], ids=["in the loop", "in threads"])
 def test_the_mixed_port_in_the_loop_and_in_threads(echo_target, evented):
-    """The local's default: SOCKS5 handshakes run in the loop; SOCKS4 and HTTP go on in a thread
-    with the bytes the loop read. With an unmarked session hook, everything runs in threads."""
+    """The local's default: SOCKS5, SOCKS4 and HTTP CONNECT handshakes run in the loop. With an
+    unmarked session hook, everything runs in threads."""
 
     class Unmarked:
         @hookimpl
