@@ -189,3 +189,48 @@ def test_terminal_handler_sessions_report_their_bytes():
         assert wait_until(lambda: any(c[0] == "finished" for c in recorder.calls))
     (finished,) = [c for c in recorder.calls if c[0] == "finished"]
     assert finished[3:] == (1000, 1000, None)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["direct", "with a wrapper"])
+def test_relay_open_upstream_is_called_in_pluggys_order(wrapped):
+    """The server calls relay_open_upstream's implementations itself (SessionHooks), in the order
+    and with the first-result rule pluggy's own call has; with a wrapper registered, through
+    pluggy. Each implementation passes (None) or answers; tryfirst, trylast and registration
+    order decide who is asked first."""
+    from relay.server import SessionHooks
+
+    calls: list[str] = []
+
+    def plugin(name: str, answer: object, **marks: bool) -> object:
+        def relay_open_upstream(session, target):  # declares only what it uses
+            calls.append(name)
+            return answer if target == "ask " + name else None
+
+        return SimpleNamespace(relay_open_upstream=hookimpl(**marks)(relay_open_upstream))
+
+    plugins = [
+        plugin("first", "F", tryfirst=True),
+        plugin("early", "E"),
+        plugin("late", "L"),
+        plugin("last", "Z", trylast=True),
+    ]
+    if wrapped:
+
+        class Wrapper:
+            @hookimpl(wrapper=True)
+            def relay_open_upstream(self, session, target, evented):
+                calls.append("wrapper")
+                return (yield)
+
+        plugins.append(Wrapper())
+    pm = get_plugin_manager(tuple(plugins), entry_points=False)
+    pm.unregister(name="core")  # it would connect; these answer by name
+    direct = SessionHooks(pm.hook).open_upstream
+    for asked in ("first", "early", "late", "last", "nobody"):
+        calls.clear()
+        got = direct("session", "ask " + asked, True)
+        by_direct = list(calls)
+        calls.clear()
+        assert got == pm.hook.relay_open_upstream(session="session", target="ask " + asked, evented=True)
+        assert by_direct == calls, asked
+        assert calls[: 2 if wrapped else 1] == (["wrapper", "first"] if wrapped else ["first"])
