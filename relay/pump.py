@@ -397,6 +397,11 @@ class Pump:
         self._flows.add(flow)
         self._sockets[flow.cfd] = (flow, True)
         self._sockets[flow.ufd] = (flow, False)
+        if flow.connecting and _connected_now(flow.upstream.sock):
+            # A loopback connect completes within connect() itself: waiting for the writable
+            # event would cost a turn of the loop and two epoll_ctl calls per session.
+            self._guard(flow, self._connected_at_once, flow)
+            return
         if flow.connecting:
             # The first flight's wait starts once connected (``connected``): the client has
             # usually spoken by then, and then no timer is needed at all.
@@ -407,6 +412,10 @@ class Pump:
             self._guard(flow, flow.up.send_head)
             return
         self._guard(flow, _nothing)
+
+    def _connected_at_once(self, flow: _Flow) -> None:
+        if flow.connected(_OUT):
+            self._wait_for_first_data(flow)
 
     def _wait_for_first_data(self, flow: _Flow) -> None:
         # FIRST_FLIGHT_WAIT without client data: the client waits for the server to speak first.
@@ -493,6 +502,15 @@ class Pump:
 
 def _nothing() -> None:
     pass
+
+
+def _connected_now(sock: socket.socket) -> bool:
+    """Whether a non-blocking connect has completed already (it has a peer)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 _shared: Pump | None = None

@@ -171,6 +171,45 @@ def test_a_connect_that_hangs_times_out(pm, caplog):
     assert "timed out" in caplog.text
 
 
+def test_a_connect_that_completes_later_is_relayed_once_it_does(pm):
+    """Loopback connects complete within connect() and the pump relays at once; this one does
+    not: the target's accept queue is full, so its SYN is dropped and sent again about a second
+    later, after the queue was drained. The SOCKS5 reply, then the data, come once it connects."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    target = Address("127.0.0.1", listener.getsockname()[1])
+    fillers = []
+    for _ in range(2):  # listen(0) queues one: with two, the queue is full
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(tuple(target))
+        fillers.append(filler)
+    time.sleep(0.2)
+    try:
+        with start_relay(make_config("serve", pm, handler="socks5", allow_private=True), pm) as proxy:
+            with socket.create_connection(tuple(proxy.address), timeout=10) as sock:
+                sock.sendall(b"\x05\x01\x00" + b"\x05\x01\x00" + encode_address(target) + b"early")
+                assert recv_exactly(sock, 2) == b"\x05\x00"
+                sock.settimeout(0.3)
+                with pytest.raises(TimeoutError):
+                    sock.recv(1)  # no reply while the connect is pending
+                listener.settimeout(5)
+                queued = [listener.accept()[0] for _ in range(2)]  # the fillers: make room
+                upstream = listener.accept()[0]  # the relay's connect, retried
+                sock.settimeout(10)
+                assert socks5_reply(sock)[0] == 0
+                assert recv_exactly(upstream, 5) == b"early"
+                upstream.sendall(b"answer")
+                assert recv_exactly(sock, 6) == b"answer"
+                for conn in (*queued, upstream):
+                    conn.close()
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
 def test_ended_sessions_are_not_kept_alive(echo_target):
     """Handshake deadlines and connect timers are cancelled with their session: nothing the loop
     holds keeps a finished session (and its buffers) alive until the timer would have been due."""
