@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import socket
 
-from relay import Address, Endpoint, Handshake, HandlerSpec, ProtocolError, Ready, RelayHandler, Session, hookimpl
+from relay import Address, Endpoint, HandlerSpec, Ready, RelayHandler, Session, hookimpl
 from relay.errors import Socks4Error
 from relay.socks4 import NEED_DATA, Command, ReplyCode, Socks4Reply, Socks4Server, State
 
-_HANDSHAKE_BUFFER = 1024  # a request with a user id and a 4a host name fits, or is read in parts
+from .socks5 import ParsedHandshake
 
 
 class Socks4Handler(RelayHandler):
@@ -20,29 +20,22 @@ class Socks4Handler(RelayHandler):
         return Socks4Handshake(session)
 
 
-class Socks4Handshake(Handshake):
+class Socks4Handshake(ParsedHandshake):
     """The request, sans-I/O; ready with its target once it is whole. The client is granted
     once the upstream is connected (with the address it connected from, for a direct IPv4
     connection), else rejected; a request refused outright (BIND, a bad field, authentication
     required) is rejected at once."""
 
+    what = "the SOCKS4 request"
+
     def __init__(self, session: Session, buffer: memoryview | None = None) -> None:
+        super().__init__(buffer)
         self.auth_required = bool(session.config.auth)
         self.protocol = Socks4Server()
-        self.buffer = buffer if buffer is not None else memoryview(bytearray(_HANDSHAKE_BUFFER))
-
-    def recv_buffer(self) -> memoryview:
-        return self.buffer
-
-    def eof(self) -> None:
-        self.protocol.receive_data(b"")
-        self.received(0)  # the parser says what the client left unfinished
-        raise ProtocolError("closed during the SOCKS4 request")
 
     def received(self, nbytes: int) -> None:
+        self.feed(nbytes)
         protocol = self.protocol
-        if nbytes:
-            protocol.receive_data(bytes(self.buffer[:nbytes]))
         try:
             request = protocol.next_event()
             if request is NEED_DATA:

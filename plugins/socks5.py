@@ -85,17 +85,15 @@ class Socks5Handler(RelayHandler):
 _HANDSHAKE_BUFFER = 4096  # a greeting, RFC 1929 credentials or a request, and a first chunk of data
 
 
-class Socks5Handshake(Handshake):
-    """Greeting, method selection, RFC 1929 credentials, request; replies go in ``reply``.
+class ParsedHandshake(Handshake):
+    """A handshake read by a sans-I/O parser (``receive_data(bytes)``, ``b""`` at EOF): what
+    the loop receives goes to the parser, and at EOF the parser says what the client left
+    unfinished. Subclasses set ``protocol`` and ``what``, and act on events in ``received``."""
 
-    CONNECT is ready with the target and replies once the upstream is connected (naming the
-    bound address) or failed (a reply code for the error). UDP ASSOCIATE is ready with ``serve``:
-    the handler's ``_associate`` holds the control connection in a thread.
-    """
+    protocol: Any
+    what = "the handshake"
 
-    def __init__(self, session: Session, buffer: memoryview | None = None) -> None:
-        self.users = session.config.auth
-        self.protocol = Socks5Server()
+    def __init__(self, buffer: memoryview | None) -> None:
         self.buffer = buffer if buffer is not None else memoryview(bytearray(_HANDSHAKE_BUFFER))
 
     def recv_buffer(self) -> memoryview:
@@ -103,13 +101,32 @@ class Socks5Handshake(Handshake):
 
     def eof(self) -> None:
         self.protocol.receive_data(b"")
-        self.received(0)  # the parser says what the client left unfinished
-        raise ProtocolError("closed during the SOCKS5 handshake")
+        self.received(0)  # the parser raises for what the client left unfinished
+        raise ProtocolError(f"closed during {self.what}")
+
+    def feed(self, nbytes: int) -> None:
+        if nbytes:
+            self.protocol.receive_data(bytes(self.buffer[:nbytes]))
+
+
+class Socks5Handshake(ParsedHandshake):
+    """Greeting, method selection, RFC 1929 credentials, request; replies go in ``reply``.
+
+    CONNECT is ready with the target and replies once the upstream is connected (naming the
+    bound address) or failed (a reply code for the error). UDP ASSOCIATE is ready with ``serve``:
+    the handler's ``_associate`` holds the control connection in a thread.
+    """
+
+    what = "the SOCKS5 handshake"
+
+    def __init__(self, session: Session, buffer: memoryview | None = None) -> None:
+        super().__init__(buffer)
+        self.users = session.config.auth
+        self.protocol = Socks5Server()
 
     def received(self, nbytes: int) -> None:
+        self.feed(nbytes)
         protocol = self.protocol
-        if nbytes:
-            protocol.receive_data(bytes(self.buffer[:nbytes]))
         try:
             while self.ready is None and (event := protocol.next_event()) is not NEED_DATA:
                 if isinstance(event, Greeting):

@@ -288,14 +288,16 @@ def test_socks5_every_valid_seed_reaches_the_request():
         assert state is State.REPLYING and isinstance(seen[1], Credentials) and trailing == b""
 
 
-def front_end(handshake: Any, chunks: list[bytes]) -> tuple:
+def drive(handshake: Any, chunks: list[bytes], eof_at_end: bool = False) -> tuple[ProtocolError | None, bytes, list[bytes]]:
     """Drive a front-end's Handshake as the event loop does (write into recv_buffer, received,
-    send what it replies); an empty chunk is EOF. What it ends with and every byte it replied."""
+    send what it replies) until it is ready; an empty chunk is EOF, and so is the end of
+    ``chunks`` with ``eof_at_end``. The error it raised, every byte it replied, and the bytes
+    it left unread (the upstream's, or a thread's)."""
     replies = b""
+    chunks = list(chunks)
     try:
-        for chunk in chunks:
-            if handshake.ready is not None:
-                break  # the loop stops reading here: the rest is the upstream's
+        while handshake.ready is None and (chunks or eof_at_end):
+            chunk = chunks.pop(0) if chunks else b""
             if not chunk:
                 handshake.eof()
                 raise AssertionError("eof() returned")
@@ -307,8 +309,18 @@ def front_end(handshake: Any, chunks: list[bytes]) -> tuple:
                 view = view[n:]
                 handshake.received(n)
                 replies += handshake.take_reply()
+            if view:
+                chunks.insert(0, bytes(view))
     except ProtocolError as e:
-        return ("error", str(e), replies + handshake.take_reply())
+        return e, replies + handshake.take_reply(), chunks
+    return None, replies, chunks
+
+
+def front_end(handshake: Any, chunks: list[bytes]) -> tuple:
+    """What a handshake driven by ``drive`` ends with, and every byte it replied."""
+    error, replies, _ = drive(handshake, chunks)
+    if error is not None:
+        return ("error", str(error), replies)
     ready = handshake.ready
     if ready is None:
         return ("more", None, replies)
@@ -789,31 +801,15 @@ def http_handler(reads: list[bytes], auth: bool = True) -> tuple:
     config = SimpleNamespace(auth=dict(USERS) if auth else {}, timeout=5.0, handshake_timeout=30.0)
     session = SimpleNamespace(config=config, started=time.monotonic(), bytes_up=0, bytes_down=0)
     handshake = HttpHandshake(session)
-    reads = list(reads)
-    sent = b""
 
     def unreachable(target: Address) -> None:
         check_target(target)
         raise OSError("no network in this test")
 
     with time_limit():
-        try:
-            while handshake.ready is None:
-                chunk = reads.pop(0) if reads else b""
-                if not chunk:
-                    handshake.eof()
-                view = memoryview(chunk)
-                while view and handshake.ready is None:
-                    buffer = handshake.recv_buffer()
-                    n = min(len(buffer), len(view))
-                    buffer[:n] = view[:n]
-                    view = view[n:]
-                    handshake.received(n)
-                    sent += handshake.take_reply()
-                if view:
-                    reads.insert(0, bytes(view))  # read by the thread that serves the request
-        except ProtocolError as e:  # what a handshake may end with: one log line, no traceback
-            return sent + handshake.take_reply(), type(e)
+        error, sent, reads = drive(handshake, reads, eof_at_end=True)  # reads: what a thread reads on
+        if error is not None:  # what a handshake may end with: one log line, no traceback
+            return sent, type(error)
         ready = handshake.ready
         if ready.serve is None:  # a CONNECT: the event loop opens its target
             try:
