@@ -75,6 +75,10 @@ _MASK = (1 << 64) - 1
 _SIPHASH = bool(sys.flags.hash_randomization) and sys.hash_info.width == 64 and sys.hash_info.algorithm.startswith("siphash")
 
 
+def _siphash(salt: bytes) -> int:
+    return hash(bytes(salt)) & _MASK or 1
+
+
 def table_slots(capacity: int) -> int:
     """The slots of one generation's table: room for ``capacity`` fingerprints at 3/4 load."""
     return -(-capacity * 4 // 3)
@@ -121,6 +125,7 @@ class SaltFilter:
         self._clock = clock
         self._on_rotate = on_rotate
         self._key = os.urandom(16)
+        self._fingerprint: Callable[[bytes], int] = _siphash if _SIPHASH else self._keyed_blake2b
         self._lock = threading.Lock()
         self._current = _Generation(self.slots, clock())
         self._previous: _Generation | None = None
@@ -157,7 +162,7 @@ class SaltFilter:
 
     def add_if_new(self, salt: bytes) -> bool:
         """Record ``salt`` and return True; or return False, recording nothing, if it is remembered."""
-        fingerprint = hash(bytes(salt)) & _MASK or 1 if _SIPHASH else self._fingerprint(salt)  # once per datagram: inline
+        fingerprint = self._fingerprint(salt)
         with self._lock:
             now = self._clock()
             if now >= self._expiry:
@@ -174,11 +179,9 @@ class SaltFilter:
             self._expire(now)
             self._insert(fingerprint, now)
 
-    # -- internals (with the lock held, except _fingerprint)
+    # -- internals (with the lock held, except the fingerprint)
 
-    def _fingerprint(self, salt: bytes) -> int:
-        if _SIPHASH:
-            return hash(bytes(salt)) & _MASK or 1
+    def _keyed_blake2b(self, salt: bytes) -> int:
         return int.from_bytes(hashlib.blake2b(salt, digest_size=8, key=self._key).digest(), "little") or 1
 
     def _find(self, generation: _Generation, fingerprint: int) -> int:
