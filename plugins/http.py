@@ -29,7 +29,7 @@ import h11
 from relay import Address, Endpoint, Handshake, HandlerSpec, ProtocolError, Ready, RelayHandler, Session, TargetRefused, hookimpl
 from relay.address import parse_host_port
 from relay.codec import PlainDecoder
-from relay.server import send_quietly
+from relay.server import answer
 
 HEAD_LIMIT = 64 * 1024
 """Bytes a request or response head may take: the bound on the header section."""
@@ -56,7 +56,7 @@ class HttpHandshake(Handshake):
         self.users = session.config.auth
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
         self.buffer = buffer if buffer is not None else memoryview(bytearray(_HANDSHAKE_BUFFER))
-        self.read = b""  # everything received, for a thread that serves a plain request
+        self.read = bytearray()  # everything received, for a thread that serves a plain request
 
     def recv_buffer(self) -> memoryview:
         return self.buffer
@@ -90,7 +90,7 @@ class HttpHandshake(Handshake):
             self.reply = _response(self.http, *_NEEDS_CREDENTIALS)
             raise ProtocolError("proxy authentication failed")
         if event.method != b"CONNECT":
-            read = self.read
+            read = bytes(self.read)
             self.ready = Ready(None, serve=lambda handler: handler.serve_requests(pushback=read))
             return
         try:
@@ -175,14 +175,14 @@ class HttpProxyHandler(RelayHandler):
 
     def _fail(self, status: int, reason: str, error: BaseException) -> None:
         """A whole small error response; the connection closes after it."""
-        send_quietly(self.request, _error_response(self.http, status, reason))
+        answer(self.request, _error_response(self.http, status, reason))
         self.error = _as_relay_error(error)
 
     def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
         users = self.session.config.auth
         if not users or _authorized(headers, users):
             return True
-        send_quietly(self.request, _response(self.http, *_NEEDS_CREDENTIALS))
+        answer(self.request, _response(self.http, *_NEEDS_CREDENTIALS))
         self.error = ProtocolError("proxy authentication failed")
         return False
 
@@ -197,7 +197,7 @@ class HttpProxyHandler(RelayHandler):
         try:
             upstream = self.open_upstream(target)
         except (TargetRefused, OSError) as e:
-            send_quietly(self.request, _failure_response(self.http, target, e))
+            answer(self.request, _failure_response(self.http, target, e))
             self.error = e
             return
         self._send(h11.Response(status_code=200, reason=b"Connection established", headers=[]))

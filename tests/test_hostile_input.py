@@ -789,6 +789,14 @@ class FakeClient:
         self.sent += data
         return len(data)
 
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0) -> int:
+        data = self.recv(len(buffer))  # what a refusal discards before the close
+        buffer[: len(data)] = data
+        return len(data)
+
     def settimeout(self, timeout: float | None) -> None:
         pass
 
@@ -860,6 +868,17 @@ def test_http_front_end_answers_the_seeds():
         assert status_lines(http_handler([data], auth=False)[0])[:1] == [b"HTTP/1.1 502 Bad Gateway"], data
         with_auth = status_lines(http_handler([data], auth=True)[0])[:1]
         assert with_auth == [b"HTTP/1.1 502 Bad Gateway" if b"YWxpY2U6czNjcmV0" in data else b"HTTP/1.1 407 Proxy Authentication Required"], data
+
+
+def test_a_long_head_a_byte_at_a_time_costs_the_loop_linear_time():
+    """A client trickling a head of nearly HEAD_LIMIT bytes, one byte per read: the handshake
+    keeps what it read for a thread in a buffer that grows in place (re-copying it whole at
+    every read was 2 GB of copying per connection)."""
+    head = b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * (HEAD_LIMIT - 200) + b"\r\n\r\n"
+    handshake = HttpHandshake(socks5_session(False))
+    with time_limit(10.0):
+        error, replies, _ = drive(handshake, bytewise(head))
+    assert error is None and replies == b"" and handshake.ready is not None and handshake.ready.serve is not None
 
 
 def test_http_heads_over_twice_the_limit_are_431_however_split():
