@@ -373,8 +373,11 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
             self._live.add(sock)
 
     def untrack(self, sock: socket.socket) -> None:
+        """``sock`` is closed, or about to be: forget it (as detached too: an evented session's
+        client is never passed to shutdown_request, which would have forgotten it)."""
         with self._live_lock:
             self._live.discard(sock)
+            self._detached.discard(sock)
 
     @property
     def live_sessions(self) -> int:
