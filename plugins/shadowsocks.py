@@ -239,7 +239,7 @@ class FirstFlight(Handshake):
     def _check_salt(self, salt: bytes | None) -> None:
         if salt is None:
             return  # a cipher without salts: nothing to remember
-        if replay_guard(self.session.server.config).filter("tcp").add_if_new(salt):
+        if _tcp_salts(self.session.server).add_if_new(salt):
             return
         _count_replay(self.session)
         raise _Replayed("salt seen before (a replayed or reflected flight)")
@@ -248,13 +248,22 @@ class FirstFlight(Handshake):
         """The encryptor of the answer, its salt recorded before any of it is sent: that flight
         sent back at this remote is refused like a replay."""
         config = self.session.config
-        salts = replay_guard(self.session.server.config).filter("tcp")
+        salts = _tcp_salts(self.session.server)
         for _ in range(_OWN_SALT_TRIES):
             encryptor = config.cipher.encryptor(config.key)  # type: ignore[union-attr]
             salt = getattr(encryptor, "salt", None)
             if salt is None or salts.add_if_new(salt):
                 return encryptor
         raise RelayError("no fresh salt after several tries: is the random source broken?")
+
+
+def _tcp_salts(server: Any) -> SaltFilter:
+    """The remote's stream salt filter, looked up once per listening server (the guard is
+    found through a weak dictionary, which costs more than the check itself)."""
+    salts = server.data.get("shadowsocks.tcp_salts")
+    if salts is None:
+        salts = server.data["shadowsocks.tcp_salts"] = replay_guard(server.config).filter("tcp")
+    return salts
 
 
 def _count_replay(session: Session) -> int:

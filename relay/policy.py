@@ -92,6 +92,9 @@ class EgressPolicy:
     # (name allowed?, ip) -> the verdict: parsing and classifying an address costs more than
     # the rest of a short session's setup, and the same addresses come back again and again.
     _verdicts: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # host -> its check (for hosts no deny entry names): a remote connects to the same few
+    # targets again and again, and the check is the same every time.
+    _checks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, allow_private: bool, egress: object) -> EgressPolicy:
@@ -106,6 +109,14 @@ class EgressPolicy:
 
     def for_target(self, host: str) -> Check:
         """The check for the addresses ``host`` resolves to; TargetRefused for a denied name."""
+        check = self._checks.get(host)
+        if check is None:
+            check = self._checks[host] = self._check_for(host)
+            if len(self._checks) > VERDICT_CACHE_SIZE:
+                self._checks.clear()
+        return check
+
+    def _check_for(self, host: str) -> Check:
         name = host.lower().rstrip(".")
         if _matches(name, self.deny_domains):
             raise TargetRefused(f"{host} is denied by the egress ACL")
