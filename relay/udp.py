@@ -298,12 +298,14 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         if not getattr(self.RequestHandlerClass, "inline", False):
             super().serve_forever(poll_interval)
             return
-        self._served.clear()
-        sock = self.socket
-        set_receive_timeout(sock, poll_interval)
-        size = self.max_packet_size
-        receive = self._receiver()
+        self._served.clear()  # before the flag is read: a shutdown() from now on waits for us
         try:
+            if self._shutdown_asked:
+                return  # shut down before it started: the socket may be closed already
+            sock = self.socket
+            set_receive_timeout(sock, poll_interval)
+            size = self.max_packet_size
+            receive = self._receiver()
             while not self._shutdown_asked:
                 try:
                     data, client_address = sock.recvfrom(size)
@@ -318,6 +320,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                 except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
                     self.handle_error((data, sock), client_address)
         finally:
+            self._shutdown_asked = False  # as socketserver's own loop: it may serve again
             self._served.set()
 
     def _receiver(self) -> Callable[[bytes, Any], None]:

@@ -141,6 +141,36 @@ def test_a_datagram_front_end_written_the_socketserver_way(echo_udp):
     assert seen == [Bracketed, Bracketed]
 
 
+def test_a_udp_server_shut_down_before_it_serves_returns_quietly(pm, echo_udp):
+    """shutdown() and server_close() may come before serve_forever's thread has started (a
+    relay stopped as it starts): the loop must then return, not use the closed socket; and a
+    server shut down may serve again, as socketserver's may."""
+    from relay.udp import RelayUDPServer
+
+    config = make_config("serve", pm, handler="tunnel", forward=str(echo_udp), allow_private=True, mode="udp_only")
+    server = RelayUDPServer(config, pm.hook, Address("127.0.0.1", 0))
+    errors = []
+    hook, threading.excepthook = threading.excepthook, lambda args: errors.append(args.exc_value)
+    try:
+        server.shutdown()
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,))
+        thread.start()
+        thread.join(5)
+        assert not thread.is_alive() and errors == []
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,))
+        thread.start()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(b"again", tuple(server.server_address))
+            assert sock.recv(100) == b"again"
+        server.shutdown()
+        thread.join(5)
+        assert not thread.is_alive() and errors == []
+    finally:
+        threading.excepthook = hook
+        server.server_close()
+
+
 def test_remote_handler_answers_tunnelled_datagrams(pm):
     with udp_pair(pm, remote={"handler": "uppercase"}) as (local, _):
         with Socks5UDPClient(local.address) as client:
