@@ -673,9 +673,10 @@ def discard_pending(conn: socket.socket) -> None:
     """Read what has arrived already, without waiting, so that closing sends a FIN: a socket
     closed with unread bytes sends a reset, which would tell a prober something."""
     try:
-        conn.setblocking(False)
+        if conn.gettimeout():  # a timeout makes recv wait first, whatever the flags say
+            conn.setblocking(False)
         for _ in range(64):
-            if not conn.recv_into(_DISCARD):
+            if not conn.recv_into(_DISCARD, 0, _DONTWAIT):
                 return
     except OSError:
         return
@@ -722,6 +723,8 @@ class _EventedSession:
             if server.session_hooks.started:
                 server.hook.relay_session_started(session=self.session)
             self.handshake = self.handler.handshake(self.session)
+            if self.handshake is None:
+                raise RelayError(f"{type(self.handler).__name__}.handshake() returned None")
         except Exception as e:  # noqa: BLE001 - a session's failure ends that session only
             self.end(e)
             return
@@ -836,10 +839,12 @@ class _EventedSession:
             serve(self.handler)
         except Exception as e:  # noqa: BLE001 - a session's failure ends that session only
             error = e
-        if self.handler.detached and error is None:
+        if self.handler.detached:
             self.ended = True  # it relayed: the pump ends the session
             return
-        self.end(error)
+        # A handler that answered a failure itself (an HTTP 502) says so in ``error``, as
+        # run_handler reads it for a session in a thread.
+        self.end(error or getattr(self.handler, "error", None))
 
     def relay(self, upstream: Endpoint, ready: Ready) -> None:
         try:

@@ -395,6 +395,28 @@ def test_http_connect_runs_in_the_loop_and_answers_once_connected(echo_target):
             assert recv_until_eof(sock).startswith(b"HTTP/1.1 403 ")
 
 
+def test_a_plain_http_request_that_fails_in_its_thread_ends_with_that_error():
+    """A plain http:// request goes on in a thread (Ready.serve); the 502 it answers is the
+    session's error, as for a session run in a thread from the start: logged, and given to
+    relay_session_finished."""
+    finished: list = []
+
+    class Watch:
+        @hookimpl
+        def relay_session_finished(self, session, error):
+            finished.append(error)
+
+    pm = get_plugin_manager((Watch(),))
+    closed = free_port()
+    with start_relay(make_config("serve", pm, handler="http", allow_private=True), pm) as proxy:
+        assert proxy.serves_evented()
+        with socket.create_connection(tuple(proxy.address), timeout=5) as sock:
+            sock.sendall(f"GET http://127.0.0.1:{closed}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert recv_until_eof(sock).startswith(b"HTTP/1.1 502 ")
+        assert wait_until(lambda: len(finished) == 1, timeout=5)
+    assert isinstance(finished[0], OSError), finished
+
+
 def test_socks4_runs_in_the_loop_and_is_granted_once_connected(echo_target):
     pm, seen = where_targets_are_chosen()
     with start_relay(make_config("serve", pm, handler="socks4", allow_private=True), pm) as proxy:

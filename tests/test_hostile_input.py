@@ -792,6 +792,9 @@ class FakeClient:
     def setblocking(self, flag: bool) -> None:
         pass
 
+    def gettimeout(self) -> float | None:
+        return None
+
     def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0) -> int:
         data = self.recv(len(buffer))  # what a refusal discards before the close
         buffer[: len(data)] = data
