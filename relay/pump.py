@@ -190,13 +190,17 @@ class _Flow:
             reader.read()
         return False
 
-    def connected(self, events: int) -> bool:
+    def connected(self, events: int, known: bool = False) -> bool:
         """The upstream's non-blocking connect finished: raise its error, or start moving.
-        Writable without an error or hang-up means connected: no SO_ERROR call then."""
+        An event without an error or hang-up is checked with getpeername (``known``: it was):
+        an event left over for a descriptor closed and reused within one batch of the loop's
+        must not pass for the connect's."""
         if events & _GONE:
             code = self.upstream.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
                 raise OSError(code, os.strerror(code))
+        elif not known and not _connected_now(self.upstream.sock):
+            return False  # still connecting
         self.connecting = False
         if self.on_connected is not None:
             reply, self.on_connected = self.on_connected(), None
@@ -414,7 +418,7 @@ class Pump:
         self._guard(flow, _nothing)
 
     def _connected_at_once(self, flow: _Flow) -> None:
-        if flow.connected(_OUT):
+        if flow.connected(_OUT, known=True):
             self._wait_for_first_data(flow)
 
     def _wait_for_first_data(self, flow: _Flow) -> None:
