@@ -51,7 +51,7 @@ def connect_tcp(target: Address, timeout: float, check: Check | None = None) -> 
         return sock
     if last_error is not None:
         raise last_error
-    raise _forbidden(target, refused)
+    raise forbidden(target, refused)
 
 
 def start_connect(target: Address, check: Check | None = None) -> socket.socket:
@@ -64,7 +64,7 @@ def start_connect(target: Address, check: Check | None = None) -> socket.socket:
     family, kind, proto, _, sockaddr = infos[0]
     reason = check(str(sockaddr[0])) if check else None
     if reason:
-        raise _forbidden(target, [f"{sockaddr[0]} ({reason})"])
+        raise forbidden(target, [f"{sockaddr[0]} ({reason})"])
     sock = socket.socket(family, kind | _NONBLOCK, proto)
     if not _NONBLOCK:
         sock.setblocking(False)
@@ -79,7 +79,8 @@ def start_connect(target: Address, check: Check | None = None) -> socket.socket:
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 
 
-def _forbidden(target: Address, refused: list[str]) -> TargetRefused:
+def forbidden(target: Address, refused: list[str]) -> TargetRefused:
+    """The error for a target whose every address the egress policy refused."""
     return TargetRefused(f"{target.host} is forbidden: {', '.join(refused)}; start the remote with --allow-private to allow it")
 
 

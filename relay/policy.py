@@ -111,9 +111,9 @@ class EgressPolicy:
         """The check for the addresses ``host`` resolves to; TargetRefused for a denied name."""
         check = self._checks.get(host)
         if check is None:
-            check = self._checks[host] = self._check_for(host)
-            if len(self._checks) > VERDICT_CACHE_SIZE:
+            if len(self._checks) >= VERDICT_CACHE_SIZE:
                 self._checks.clear()
+            check = self._checks[host] = self._check_for(host)
         return check
 
     def _check_for(self, host: str) -> Check:

@@ -129,7 +129,6 @@ class SaltFilter:
         self._lock = threading.Lock()
         self._current = _Generation(self.slots, clock())
         self._previous: _Generation | None = None
-        self._expiry = 0.0
         self._schedule_expiry()
         self.rotations = 0
 
@@ -165,8 +164,7 @@ class SaltFilter:
         fingerprint = self._fingerprint(salt)
         with self._lock:
             now = self._clock()
-            if now >= self._expiry:
-                self._expire(now)
+            self._expire(now)
             if self._previous is not None and self._find(self._previous, fingerprint) < 0:
                 return False
             return self._insert(fingerprint, now)
@@ -211,6 +209,8 @@ class SaltFilter:
         return True
 
     def _expire(self, now: float) -> None:
+        if now < self._expiry:
+            return  # nothing is due (the common case, once per salt)
         if now - self._current.opened >= self.window:
             if self._current.count:
                 self._rotate(now, full=False)
@@ -221,7 +221,7 @@ class SaltFilter:
         self._schedule_expiry()
 
     def _schedule_expiry(self) -> None:
-        """When ``_expire`` has something to do next (add_if_new skips it until then)."""
+        """When ``_expire`` has something to do next."""
         expiry = self._current.opened + self.window
         if self._previous is not None:
             expiry = min(expiry, self._previous.opened + 2 * self.window)

@@ -35,7 +35,7 @@ from .associations import AssociationTable
 from .config import Config
 from .errors import ProtocolError, RelayError, TargetRefused
 from .policy import EgressPolicy
-from .net import set_receive_timeout
+from .net import forbidden, set_receive_timeout
 from .server import ListeningAddress
 from .session import Session
 
@@ -153,7 +153,7 @@ class DirectDatagramUpstream:
             self._cache[target] = (sockaddr, now + _RESOLVE_TTL)
             return sockaddr
         if refused:
-            raise TargetRefused(f"{target.host} is forbidden: {', '.join(refused)}; start the remote with --allow-private to allow it")
+            raise forbidden(target, refused)
         raise OSError(errno.EAFNOSUPPORT, f"no usable address for {target.host}")
 
 
