@@ -20,8 +20,9 @@ UDP packets are described at AeadDatagramCodec.
 from __future__ import annotations
 
 import hashlib
-from hashlib import sha1
 import os
+import struct
+from hashlib import sha1
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,10 @@ _OVERHEAD = _LENGTH_CHUNK + TAG_SIZE  # per chunk
 _MAX_CHUNK = _OVERHEAD + MAX_PAYLOAD
 _EMPTY = memoryview(b"")
 _ZERO_NONCE = bytes(NONCE_SIZE)
+# The nonce (a 12-byte little-endian counter) and a chunk's length, packed by one C call of one
+# argument each. (A counter past 2**64 chunks would make pack raise: unreachable.)
+_nonce = struct.Struct("<Q4x").pack
+_length = struct.Struct(">H").pack
 
 AeadFactory = Callable[[bytes], Any]  # key -> object with encrypt_into/decrypt_into (cryptography's AEAD API)
 
@@ -126,12 +131,29 @@ class AeadStreamEncryptor:
         self._nonce = 0
         self._pending = salt
         self._out = memoryview(bytearray(0))
+        self._length_out = self._out  # the first chunk's length field in _out, once it has room
 
     def encode(self, data: memoryview | bytes) -> memoryview:
         size = len(data)
+        end = size + _OVERHEAD
+        if 0 < size <= MAX_PAYLOAD and end <= len(self._out) and not self._pending:
+            # One chunk, the common case on an interactive stream: no loop, no slicing of _out
+            # beyond the payload's place.
+            out = self._out
+            nonce = self._nonce
+            self._nonce = nonce + 2
+            encrypt_into = self._encrypt_into
+            encrypt_into(_nonce(nonce), _length(size), None, self._length_out)
+            encrypt_into(_nonce(nonce + 1), data, None, out[_LENGTH_CHUNK:end])
+            return out[:end]
+        return self._encode_chunks(data)
+
+    def _encode_chunks(self, data: memoryview | bytes) -> memoryview:
+        size = len(data)
         needed = len(self._pending) + size + -(-size // MAX_PAYLOAD) * _OVERHEAD
         if needed > len(self._out):
-            self._out = memoryview(bytearray(max(needed, 2 * len(self._out))))
+            self._out = memoryview(bytearray(max(needed, 2 * len(self._out), _OVERHEAD)))
+            self._length_out = self._out[:_LENGTH_CHUNK]
         out = self._out
         pos = len(self._pending)
         if pos:
@@ -143,10 +165,10 @@ class AeadStreamEncryptor:
         start = 0
         while start < size:
             n = min(size - start, MAX_PAYLOAD)
-            encrypt_into(nonce.to_bytes(NONCE_SIZE, "little"), n.to_bytes(2, "big"), None, out[pos : pos + _LENGTH_CHUNK])
+            encrypt_into(_nonce(nonce), _length(n), None, out[pos : pos + _LENGTH_CHUNK])
             pos += _LENGTH_CHUNK
             end = pos + n + TAG_SIZE
-            encrypt_into((nonce + 1).to_bytes(NONCE_SIZE, "little"), data[start : start + n], None, out[pos:end])
+            encrypt_into(_nonce(nonce + 1), data[start : start + n], None, out[pos:end])
             pos = end
             nonce += 2
             start += n
@@ -173,14 +195,18 @@ class AeadStreamDecryptor(ChunkReceiveBuffer):
         self._length_out = bytearray(LENGTH_SIZE)
 
     def recv_buffer(self) -> memoryview:
+        if not self._end and self._length < 0 and not self._filled and self._decrypt_into is not None:
+            return self._buf  # between chunks, nothing buffered: all of it (ChunkReceiveBuffer._offer's fast case)
         # Bytes the chunk being read needs from ``start`` on: its payload and tag once the length
         # is known, else the salt (if still to come) and a length chunk.
         return self._offer(self._length + TAG_SIZE if self._length >= 0 else _LENGTH_CHUNK + (0 if self._decrypt_into else self._salt_size))
 
     def received(self, nbytes: int) -> memoryview:
-        end = self._took(nbytes)
-        pos = self._start
         buf = self._buf
+        end = self._end + nbytes  # ChunkReceiveBuffer._took, inline on this per-chunk path
+        self._filled = end == len(buf)
+        self._end = end
+        pos = self._start
         if self._decrypt_into is None:
             if end - pos < self._salt_size:
                 return _EMPTY
@@ -198,7 +224,7 @@ class AeadStreamDecryptor(ChunkReceiveBuffer):
                 if length < 0:
                     if end - pos < _LENGTH_CHUNK:
                         break
-                    decrypt_into(nonce.to_bytes(NONCE_SIZE, "little"), buf[pos : pos + _LENGTH_CHUNK], None, length_out)
+                    decrypt_into(_nonce(nonce), buf[pos : pos + _LENGTH_CHUNK], None, length_out)
                     nonce += 1
                     pos += _LENGTH_CHUNK
                     length = int.from_bytes(length_out, "big")
@@ -207,7 +233,7 @@ class AeadStreamDecryptor(ChunkReceiveBuffer):
                 chunk_end = pos + length + TAG_SIZE
                 if chunk_end > end:
                     break
-                decrypt_into(nonce.to_bytes(NONCE_SIZE, "little"), buf[pos:chunk_end], None, out[produced : produced + length])
+                decrypt_into(_nonce(nonce), buf[pos:chunk_end], None, out[produced : produced + length])
                 nonce += 1
                 produced += length
                 pos = chunk_end

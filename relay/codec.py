@@ -99,6 +99,8 @@ class ChunkReceiveBuffer:
     def _offer(self, needed: int) -> memoryview:
         """Free space after the received bytes, room enough for ``needed`` from ``_start``."""
         buf, start, end = self._buf, self._start, self._end
+        if not end and not self._filled and needed <= len(buf):
+            return buf  # empty, and large enough: the case of every small exchange
         size = len(buf)
         if self._filled and size < self._capacity:
             size = min(2 * size, self._capacity)
