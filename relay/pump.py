@@ -91,31 +91,35 @@ class _Direction:
         dst.first_flight = None
         self.other: _Direction | None = None  # the way back
 
-    def read(self) -> None:
+    def read(self) -> bool:
+        """Read once and pass on what that decodes; True when what the two sockets wait for
+        may have changed (EOF, or bytes left pending), so that the pump must look again."""
         try:
             n = self.src.recv_into(self.decoder.recv_buffer(), 0, _DONTWAIT)
         except BlockingIOError:
-            return
+            return False
         if not n:
             self.decoder.eof()
             self.reading = False
             self.send_head()
             if self.pending is None:
                 self._finish()
-            return
+            return True
         data = self.decoder.received(n)
         if data:
             self.moved += len(data)
             if self.head is not None:
                 data, self.head = self.head + bytes(data), None
-            self._send(data)
+            return self._send(data)
+        return False
 
     def send_head(self) -> None:
         if self.head is not None:
             head, self.head = self.head, None
             self._send(head)
 
-    def _send(self, data: memoryview | bytes) -> None:
+    def _send(self, data: memoryview | bytes) -> bool:
+        """Send a frame of ``data``; True when part of it is left pending."""
         frame = self.encode(data) if self.encode is not None else data
         try:
             sent = self.dst.send(frame, _DONTWAIT)
@@ -123,6 +127,8 @@ class _Direction:
             sent = 0
         if sent < len(frame):
             self.pending = memoryview(frame)[sent:]
+            return True
+        return False
 
     def flush(self) -> None:
         try:
@@ -177,13 +183,13 @@ class _Flow:
             self.head_due = True
         self.ended = False
 
-    def handle(self, is_client: bool, events: int) -> bool:
-        """Act on a socket's events; True when the first flight must now wait for client data."""
+    def handle(self, reader: _Direction, sender: _Direction, events: int) -> bool:
+        """Act on a socket's events (``reader`` reads from it, ``sender`` sends to it); True when
+        the first flight must now wait for client data."""
         if self.connecting:
-            if not is_client:
+            if reader is self.down:
                 return self.connected(events)
             return False
-        reader, sender = (self.up, self.down) if is_client else (self.down, self.up)
         if events & _OUTISH and sender.pending is not None:
             sender.flush()
         if events & _INISH and reader.reading and reader.pending is None:
@@ -241,7 +247,8 @@ class Pump:
         self._wake_reader.setblocking(False)
         self._waker.setblocking(False)
         self._poller.register(self._wake_reader.fileno(), _IN)
-        # fd -> (its flow, whether it is the client), or (a watcher's callback, None)
+        # fd -> (its flow, the direction reading from it, the one sending to it), or (a
+        # watcher's callback, None, None)
         self._sockets: dict[int, tuple] = {}
         self._watched: dict[int, int] = {}  # fd -> the events a watcher waits for
         self._incoming: collections.deque[Callable[[], None]] = collections.deque()
@@ -313,7 +320,7 @@ class Pump:
         else:
             self._poller.register(fd, events)
         self._watched[fd] = events
-        self._sockets[fd] = (callback, None)
+        self._sockets[fd] = (callback, None, None)
 
     def unwatch(self, sock: socket.socket) -> None:
         fd = sock.fileno()
@@ -340,7 +347,10 @@ class Pump:
         monotonic = time.monotonic
         next_sweep = monotonic() + SWEEP_INTERVAL
         while True:
-            wait = max(0.0, min(next_sweep, timers[0][0] if timers else next_sweep) - monotonic())
+            due = timers[0][0] if timers and timers[0][0] < next_sweep else next_sweep
+            wait = due - monotonic()
+            if wait < 0.0:
+                wait = 0.0
             events = poll(wait * scale, MAX_EVENTS) if _EPOLL else poll(wait * scale)
             now = monotonic()
             for fd, event in events:
@@ -348,8 +358,8 @@ class Pump:
                 if entry is None:
                     self._run_incoming()
                     continue
-                flow, is_client = entry
-                if is_client is None:  # a watcher
+                flow, reader, sender = entry
+                if reader is None:  # a watcher
                     try:
                         flow(event)
                     except Exception:  # noqa: BLE001 - watchers report their own errors
@@ -359,12 +369,18 @@ class Pump:
                     continue
                 flow.active = now
                 try:
-                    if flow.handle(is_client, event):
+                    if event == _IN and reader.pending is None and reader.reading and not flow.connecting:
+                        # The common event: data to move on, nothing held back. What the
+                        # sockets wait for changes only if the read says so.
+                        if reader.read():
+                            self._update(flow)
+                        continue
+                    if flow.handle(reader, sender, event):
                         self._wait_for_first_data(flow)
                     self._update(flow)
                 except BaseException as e:  # noqa: BLE001 - whatever ends a session is its error
                     self._end(flow, e)
-            flow = entry = None  # type: ignore[assignment]  # an ended session is not kept until the next event
+            flow = entry = reader = sender = None  # type: ignore[assignment]  # an ended session is not kept until the next event
             while timers and timers[0][0] <= now:
                 entry = heapq.heappop(timers)
                 function, args = entry[2], entry[3]
@@ -399,8 +415,8 @@ class Pump:
 
     def _admit(self, flow: _Flow) -> None:
         self._flows.add(flow)
-        self._sockets[flow.cfd] = (flow, True)
-        self._sockets[flow.ufd] = (flow, False)
+        self._sockets[flow.cfd] = (flow, flow.up, flow.down)
+        self._sockets[flow.ufd] = (flow, flow.down, flow.up)
         if flow.connecting and _connected_now(flow.upstream.sock):
             # A loopback connect completes within connect() itself: waiting for the writable
             # event would cost a turn of the loop and two epoll_ctl calls per session.
