@@ -53,6 +53,7 @@ _LENGTH_CHUNK = LENGTH_SIZE + TAG_SIZE
 _OVERHEAD = _LENGTH_CHUNK + TAG_SIZE  # per chunk
 _MAX_CHUNK = _OVERHEAD + MAX_PAYLOAD
 _EMPTY = memoryview(b"")
+_FAILED_CHUNK = "chunk failed authentication (wrong password, or not a Shadowsocks peer)"
 _ZERO_NONCE = bytes(NONCE_SIZE)
 # The nonce (a 12-byte little-endian counter) and a chunk's length, packed by one C call of one
 # argument each. (A counter past 2**64 chunks would make pack raise: unreachable.)
@@ -205,20 +206,43 @@ class AeadStreamDecryptor(ChunkReceiveBuffer):
         buf = self._buf
         end = self._end + nbytes  # ChunkReceiveBuffer._took, inline on this per-chunk path
         self._filled = end == len(buf)
-        self._end = end
+        decrypt_into = self._decrypt_into
+        if end == nbytes and self._length < 0 and nbytes > _OVERHEAD and decrypt_into is not None:
+            # Into the empty buffer, between chunks: usually exactly one whole chunk (a message
+            # of an interactive stream), decrypted without the general loop's bookkeeping.
+            nonce = self._nonce
+            length_out = self._length_out
+            try:
+                decrypt_into(_nonce(nonce), buf[:_LENGTH_CHUNK], None, length_out)
+                length = int.from_bytes(length_out, "big")
+                if length + _OVERHEAD == nbytes and length <= MAX_PAYLOAD:
+                    out = self._out[:length]
+                    decrypt_into(_nonce(nonce + 1), buf[_LENGTH_CHUNK:nbytes], None, out)
+                    self._nonce = nonce + 2
+                    return out
+            except InvalidTag:
+                raise DecryptError(_FAILED_CHUNK) from None
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"chunk length {length:#x} exceeds {MAX_PAYLOAD:#x}")
+            return self._decrypt_chunks(_LENGTH_CHUNK, end, nonce + 1, length)
         pos = self._start
-        if self._decrypt_into is None:
+        if decrypt_into is None:
             if end - pos < self._salt_size:
+                self._end = end
                 return _EMPTY
             self.salt = bytes(buf[pos : pos + self._salt_size])
             self._decrypt_into = self._aead_factory(session_subkey(self._key, self.salt)).decrypt_into
             pos += self._salt_size
+        return self._decrypt_chunks(pos, end, self._nonce, self._length)
+
+    def _decrypt_chunks(self, pos: int, end: int, nonce: int, length: int) -> memoryview:
+        """Decrypt every whole chunk in ``_buf[pos:end]``, ``length`` being the payload length of a
+        chunk whose length chunk was read already (else -1); keep the rest for later."""
+        buf = self._buf
         decrypt_into = self._decrypt_into
         length_out = self._length_out
         out = self._out
         produced = 0
-        nonce = self._nonce
-        length = self._length
         try:
             while True:
                 if length < 0:
@@ -233,19 +257,19 @@ class AeadStreamDecryptor(ChunkReceiveBuffer):
                 chunk_end = pos + length + TAG_SIZE
                 if chunk_end > end:
                     break
-                decrypt_into(_nonce(nonce), buf[pos:chunk_end], None, out[produced : produced + length])
+                decrypt_into(_nonce(nonce), buf[pos:chunk_end], None, out[produced : produced + length])  # type: ignore[misc]
                 nonce += 1
                 produced += length
                 pos = chunk_end
                 length = -1
         except InvalidTag:
-            raise DecryptError("chunk failed authentication (wrong password, or not a Shadowsocks peer)") from None
-        finally:
-            self._nonce = nonce
-            self._length = length
+            raise DecryptError(_FAILED_CHUNK) from None
+        self._nonce = nonce
+        self._length = length
         if pos == end:
-            pos = end = self._end = 0
+            pos = end = 0
         self._start = pos
+        self._end = end
         return out[:produced]
 
     def eof(self) -> None:

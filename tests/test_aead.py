@@ -125,6 +125,37 @@ def test_round_trip_at_random_split_points(messages, cuts):
     decryptor.eof()
 
 
+def sealed_chunk(aead, key, salt, nonce, length, payload):
+    sealer = aead(session_subkey(key, salt))
+    return sealer.encrypt(nonce.to_bytes(12, "little"), length.to_bytes(2, "big"), None) + sealer.encrypt((nonce + 1).to_bytes(12, "little"), payload, None)
+
+
+def test_chunk_by_chunk_decoding_refuses_what_the_general_path_refuses():
+    # A receive of exactly one chunk into the empty buffer takes a shorter path than the
+    # general loop: it must authenticate, and bound the length, the same way.
+    cipher = cipher_for("aes-256-gcm")
+    key, salt = bytes(range(32)), bytes(range(100, 132))
+    messages = [b"a" * 64, b"b" * 1500, b"c"]
+    wire = reference_stream(AESGCM, key, salt, messages)
+    decryptor = cipher.decryptor(key)
+    pos = cipher.salt_size
+    assert decryptor.decrypt(wire[:pos]) == b""
+    for message in messages:  # one receive per chunk, as a ping-pong reads them
+        size = 2 + 16 + len(message) + 16
+        assert decryptor.decrypt(wire[pos : pos + size]) == message
+        pos += size
+
+    tampered = bytearray(sealed_chunk(AESGCM, key, salt, 2 * len(messages), 3, b"xyz"))
+    tampered[-1] ^= 1
+    with pytest.raises(DecryptError):
+        decryptor.decrypt(bytes(tampered))
+
+    oversized = cipher.decryptor(key)
+    oversized.decrypt(salt + sealed_chunk(AESGCM, key, salt, 0, 1, b"x"))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        oversized.decrypt(sealed_chunk(AESGCM, key, salt, 2, MAX_PAYLOAD + 1, bytes(MAX_PAYLOAD + 1)))
+
+
 def test_wrong_key_and_tampering_raise_decrypt_error():
     cipher = cipher_for("chacha20-ietf-poly1305")
     wire = cipher.encryptor(bytes(32)).encrypt(b"hello")
