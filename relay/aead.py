@@ -53,6 +53,7 @@ _LENGTH_CHUNK = LENGTH_SIZE + TAG_SIZE
 _OVERHEAD = _LENGTH_CHUNK + TAG_SIZE  # per chunk
 _MAX_CHUNK = _OVERHEAD + MAX_PAYLOAD
 _EMPTY = memoryview(b"")
+_FIRST_ROOM = 1024  # plaintext bytes a stream's first encode finds room for without growing
 _FAILED_CHUNK = "chunk failed authentication (wrong password, or not a Shadowsocks peer)"
 _ZERO_NONCE = bytes(NONCE_SIZE)
 # The nonce (a 12-byte little-endian counter) and a chunk's length, packed by one C call of one
@@ -130,14 +131,18 @@ class AeadStreamEncryptor:
         self.salt = salt
         self._encrypt_into = aead(session_subkey(key, salt)).encrypt_into
         self._nonce = 0
-        self._pending = salt
-        self._out = memoryview(bytearray(0))
-        self._length_out = self._out  # the first chunk's length field in _out, once it has room
+        # The salt waits at the front of the output, with room behind it for a first message of
+        # a usual size (a target header and a request): the first encode is a fast one too.
+        self._head = len(salt)  # bytes in _out before the first chunk: the salt, until it is sent
+        self._out = memoryview(bytearray(len(salt) + _FIRST_ROOM + _OVERHEAD))
+        self._out[: len(salt)] = salt
+        self._length_out = self._out[len(salt) : len(salt) + _LENGTH_CHUNK]  # the first chunk's length field
 
     def encode(self, data: memoryview | bytes) -> memoryview:
         size = len(data)
-        end = size + _OVERHEAD
-        if 0 < size <= MAX_PAYLOAD and end <= len(self._out) and not self._pending:
+        head = self._head
+        end = head + size + _OVERHEAD
+        if 0 < size <= MAX_PAYLOAD and end <= len(self._out):
             # One chunk, the common case on an interactive stream: no loop, no slicing of _out
             # beyond the payload's place.
             out = self._out
@@ -145,21 +150,26 @@ class AeadStreamEncryptor:
             self._nonce = nonce + 2
             encrypt_into = self._encrypt_into
             encrypt_into(_nonce(nonce), _length(size), None, self._length_out)
-            encrypt_into(_nonce(nonce + 1), data, None, out[_LENGTH_CHUNK:end])
+            encrypt_into(_nonce(nonce + 1), data, None, out[head + _LENGTH_CHUNK : end])
+            if head:
+                self._head = 0
+                self._length_out = out[:_LENGTH_CHUNK]
             return out[:end]
         return self._encode_chunks(data)
 
     def _encode_chunks(self, data: memoryview | bytes) -> memoryview:
         size = len(data)
-        needed = len(self._pending) + size + -(-size // MAX_PAYLOAD) * _OVERHEAD
+        pos = self._head
+        needed = pos + size + -(-size // MAX_PAYLOAD) * _OVERHEAD
         if needed > len(self._out):
-            self._out = memoryview(bytearray(max(needed, 2 * len(self._out), _OVERHEAD)))
+            grown = memoryview(bytearray(max(needed, 2 * len(self._out))))
+            grown[:pos] = self._out[:pos]
+            self._out = grown
+            self._length_out = grown[:_LENGTH_CHUNK]
+        elif pos:
             self._length_out = self._out[:_LENGTH_CHUNK]
+        self._head = 0
         out = self._out
-        pos = len(self._pending)
-        if pos:
-            out[:pos] = self._pending
-            self._pending = b""
         data = memoryview(data)
         encrypt_into = self._encrypt_into
         nonce = self._nonce
@@ -206,33 +216,34 @@ class AeadStreamDecryptor(ChunkReceiveBuffer):
         buf = self._buf
         end = self._end + nbytes  # ChunkReceiveBuffer._took, inline on this per-chunk path
         self._filled = end == len(buf)
-        decrypt_into = self._decrypt_into
-        if end == nbytes and self._length < 0 and nbytes > _OVERHEAD and decrypt_into is not None:
-            # Into the empty buffer, between chunks: usually exactly one whole chunk (a message
-            # of an interactive stream), decrypted without the general loop's bookkeeping.
-            nonce = self._nonce
-            length_out = self._length_out
-            try:
-                decrypt_into(_nonce(nonce), buf[:_LENGTH_CHUNK], None, length_out)
-                length = int.from_bytes(length_out, "big")
-                if length + _OVERHEAD == nbytes and length <= MAX_PAYLOAD:
-                    out = self._out[:length]
-                    decrypt_into(_nonce(nonce + 1), buf[_LENGTH_CHUNK:nbytes], None, out)
-                    self._nonce = nonce + 2
-                    return out
-            except InvalidTag:
-                raise DecryptError(_FAILED_CHUNK) from None
-            if length > MAX_PAYLOAD:
-                raise ProtocolError(f"chunk length {length:#x} exceeds {MAX_PAYLOAD:#x}")
-            return self._decrypt_chunks(_LENGTH_CHUNK, end, nonce + 1, length)
         pos = self._start
-        if decrypt_into is None:
+        if self._decrypt_into is None:
             if end - pos < self._salt_size:
                 self._end = end
                 return _EMPTY
             self.salt = bytes(buf[pos : pos + self._salt_size])
             self._decrypt_into = self._aead_factory(session_subkey(self._key, self.salt)).decrypt_into
             pos += self._salt_size
+        if end == nbytes and self._length < 0 and end - pos > _OVERHEAD:
+            # Into the empty buffer, between chunks: usually exactly one whole chunk (a message
+            # of an interactive stream, or the first flight after the salt), decrypted without
+            # the general loop's bookkeeping.
+            decrypt_into = self._decrypt_into
+            nonce = self._nonce
+            length_out = self._length_out
+            try:
+                decrypt_into(_nonce(nonce), buf[pos : pos + _LENGTH_CHUNK], None, length_out)
+                length = int.from_bytes(length_out, "big")
+                if length + _OVERHEAD == end - pos and length <= MAX_PAYLOAD:
+                    out = self._out[:length]
+                    decrypt_into(_nonce(nonce + 1), buf[pos + _LENGTH_CHUNK : end], None, out)
+                    self._nonce = nonce + 2
+                    return out  # _start and _end are still 0: the buffer is empty again
+            except InvalidTag:
+                raise DecryptError(_FAILED_CHUNK) from None
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"chunk length {length:#x} exceeds {MAX_PAYLOAD:#x}")
+            return self._decrypt_chunks(pos + _LENGTH_CHUNK, end, nonce + 1, length)
         return self._decrypt_chunks(pos, end, self._nonce, self._length)
 
     def _decrypt_chunks(self, pos: int, end: int, nonce: int, length: int) -> memoryview:
