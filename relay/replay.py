@@ -164,9 +164,18 @@ class SaltFilter:
         fingerprint = self._fingerprint(salt)
         with self._lock:
             now = self._clock()
-            self._expire(now)
+            if now >= self._expiry:
+                self._expire(now)
             if self._previous is not None and self._find(self._previous, fingerprint) < 0:
                 return False
+            # The common case, twice per stream: the fingerprint's own slot is free and there is
+            # room. (_insert does the same, after a probe, a rotation if full, or a refusal.)
+            current = self._current
+            index = fingerprint % self.slots
+            if not current.table[index] and current.count < self.capacity:
+                current.table[index] = fingerprint
+                current.count += 1
+                return True
             return self._insert(fingerprint, now)
 
     def add(self, salt: bytes) -> None:

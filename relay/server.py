@@ -118,11 +118,17 @@ def _first_result(caller: Any, argnames: tuple[str, ...]) -> Callable[..., Any]:
     impls = list(reversed(caller.get_hookimpls()))
     if any(impl.hookwrapper or getattr(impl, "wrapper", False) for impl in impls):
         return lambda *args: caller(**dict(zip(argnames, args)))
-    calls = [(impl.function, tuple(argnames.index(name) for name in impl.argnames)) for impl in impls]
+    in_order = tuple(range(len(argnames)))
+    calls = []
+    for impl in impls:
+        positions = tuple(argnames.index(name) for name in impl.argnames)
+        calls.append((impl.function, None if positions == in_order else positions))  # None: pass args as they are
+    if len(calls) == 1 and calls[0][1] is None:
+        return calls[0][0]  # one implementation, taking the arguments in order: it is the call
 
     def first_result(*args: Any) -> Any:
         for function, positions in calls:
-            result = function(*[args[i] for i in positions])
+            result = function(*args) if positions is None else function(*[args[i] for i in positions])
             if result is not None:
                 return result
         return None
@@ -168,8 +174,9 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
         self.session_hooks = SessionHooks(hook)
         super().__init__(self._resolve(address), config.handler.handler)
 
-    def verify_request(self, request: socket.socket, client_address: Any) -> bool:
-        """socketserver's admission hook: refuse (close at once) beyond the session caps."""
+    def verify_request(self, request: socket.socket, client_address: Any, track: bool = False) -> bool:
+        """socketserver's admission hook: refuse (close at once) beyond the session caps.
+        ``track``: and, when admitted, track ``request`` as live (under the same lock)."""
         host = client_address[0]
         with self._live_lock:
             if self._sessions >= self.config.max_sessions:
@@ -179,15 +186,23 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
             else:
                 self._sessions += 1
                 self._per_client[host] += 1
+                if track:
+                    self._live.add(request)
                 return True
         self.stats["refused"] += 1
         if self._refusal_log.allow():
             log.warning("refusing a connection from %s: %s", _format_peer(client_address), reason)
         return False
 
-    def session_ended(self, client_address: Any) -> None:
+    def session_ended(self, client_address: Any, request: socket.socket, upstream: socket.socket | None = None) -> None:
+        """A session admitted by ``verify_request`` ended: forget its sockets (``untrack``) and
+        count it out, under one lock."""
         host = client_address[0]
         with self._live_lock:
+            self._live.discard(request)
+            self._detached.discard(request)
+            if upstream is not None:
+                self._live.discard(upstream)
             self._sessions -= 1
             self._per_client[host] -= 1
             if not self._per_client[host]:
@@ -283,7 +298,7 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
                 tune(conn)
             if not _DONTWAIT:
                 conn.setblocking(False)
-            if self.verify_request(conn, client_address):
+            if self.verify_request(conn, client_address, track=True):
                 _EventedSession(self, conn, client_address).begin()
             else:
                 close_quietly(conn)
@@ -409,6 +424,7 @@ class RelayHandler(socketserver.BaseRequestHandler):
     server: RelayServer
     error: BaseException | None = None
     detached = False  # relay() handed the session to the pump, which ends it
+    evented = False  # run by the event loop (not by socketserver, which would close the request after handle())
     pushback = b""  # client bytes read already (by an evented handshake): recv_handshake returns them first
     _unrelayed: list[Endpoint] | None = None  # upstreams opened but not (yet) handed to the pump
 
@@ -540,14 +556,14 @@ class RelayHandler(socketserver.BaseRequestHandler):
 
         def done(result: PumpResult) -> None:
             session.bytes_up, session.bytes_down = result.bytes_up, result.bytes_down
-            server.untrack(upstream.sock)
-            end_session(server, session, request, result.error)
+            end_session(server, session, request, result.error, upstream.sock)
 
         # From here the pump owns both sockets: this thread goes back to the pool, and the pump
         # ends the session (closes the client, logs, fires relay_session_finished). The client
         # has spoken already when there is early data: it leaves with the first flight at once.
         self.detached = True
-        server.detach(request)
+        if not self.evented:
+            server.detach(request)
         shared_pump().start(
             client,
             upstream,
@@ -710,6 +726,7 @@ class _EventedSession:
         handler_class = server.RequestHandlerClass
         handler = handler_class.__new__(handler_class)  # set up as socketserver would, but not run
         handler.request, handler.client_address, handler.server, handler.session = conn, client_address, server, self.session
+        handler.evented = True
         self.handler: RelayHandler = handler
         self.handshake: Handshake | None = None
         self.timer: Any = None
@@ -717,8 +734,7 @@ class _EventedSession:
         self.ended = False
 
     def begin(self) -> None:
-        server = self.server
-        server.track(self.conn)
+        server = self.server  # it tracks self.conn already (verify_request)
         try:
             if server.session_hooks.started:
                 server.hook.relay_session_started(session=self.session)
@@ -924,12 +940,14 @@ def run_handler(
         log.warning("%s: handler %s failed: %s", session, handler_class.__name__, _describe(error))
 
 
-def end_session(server: RelayServer, session: Session, request: socket.socket, error: BaseException | None) -> None:
+def end_session(
+    server: RelayServer, session: Session, request: socket.socket, error: BaseException | None, upstream: socket.socket | None = None
+) -> None:
     """Close the client (it sees EOF now, not after the hooks), log one line, and fire
     relay_session_finished, in a pool thread when a plugin implements it: a slow hook must not
-    hold up the thread it was called from (the pump's, after a relayed session)."""
-    server.untrack(request)
-    server.session_ended(session.client_address)
+    hold up the thread it was called from (the pump's, after a relayed session). ``upstream``:
+    a socket of the session's to forget with it (the pump closed it)."""
+    server.session_ended(session.client_address, request, upstream)
     close_quietly(request)
     _log_end(session, error)
     if server.session_hooks.finished:
