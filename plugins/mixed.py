@@ -40,6 +40,9 @@ class MixedHandshake(Handshake):
     def take_reply(self) -> bytes:
         return self.inner.take_reply() if self.inner is not None else b""
 
+    def take_ready(self) -> Ready | None:
+        return self.inner.take_ready() if self.inner is not None else None
+
     def recv_buffer(self) -> memoryview:
         return self.inner.recv_buffer() if self.inner is not None else self.buffer
 

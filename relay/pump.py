@@ -496,6 +496,9 @@ class Pump:
             return
         flow.ended = True
         self._flows.discard(flow)
+        # The two directions refer to each other: without this, a session's buffers, codecs
+        # and sockets would wait for the cyclic garbage collector, which they keep busy.
+        flow.up.other = flow.down.other = None
         for timer in flow.timers:
             timer.cancel()
         for fd, registered in ((flow.cfd, flow.cmask), (flow.ufd, flow.umask)):

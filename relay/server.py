@@ -479,7 +479,7 @@ class RelayHandler(socketserver.BaseRequestHandler):
                 handshake.received(n)
                 if handshake.reply:
                     conn.sendall(handshake.take_reply())
-            return handshake.ready
+            return handshake.take_ready()  # type: ignore[return-value]  # set: the loop ended
         except ProtocolError as e:
             if handshake.reply:
                 answer(conn, handshake.take_reply())
@@ -618,7 +618,9 @@ class Handshake:
     it calls ``eof()``. ``received`` and ``eof`` raise ``ProtocolError`` to refuse the client.
     A handshake that is ready at once (a tunnel's) sets ``ready`` before any read. ``reply``
     holds bytes for the client (a SOCKS5 method selection): the driver sends them after every
-    ``received``, and before the session ends when ``received`` raised.
+    ``received``, and before the session ends when ``received`` raised. The driver takes them
+    with ``take_reply()`` and the Ready with ``take_ready()``; a handshake that computes
+    ``reply`` or ``ready`` (a wrapper around another) overrides those too.
 
     ``drain_on_failure``: refuse silently, as a Shadowsocks remote must (probe resistance): read
     and discard until the handshake deadline, after the client's EOF wait out the deadline all
@@ -633,6 +635,13 @@ class Handshake:
     def take_reply(self) -> bytes:
         reply, self.reply = self.reply, b""
         return reply
+
+    def take_ready(self) -> Ready | None:
+        """``ready``, which the handshake lets go of: the driver takes it once. (Its callbacks
+        are often the handshake's own methods; holding each other, the two would outlive the
+        session until the cyclic garbage collector ran.)"""
+        ready, self.ready = self.ready, None
+        return ready
 
     def recv_buffer(self) -> memoryview:
         raise NotImplementedError
@@ -819,7 +828,7 @@ class _EventedSession:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        ready = self.handshake.ready  # type: ignore[union-attr]
+        ready = self.handshake.take_ready()  # type: ignore[union-attr]
         self.handshake = None
         if ready.serve is not None:
             shared_pool().submit(self.serve_in_thread, ready.serve)

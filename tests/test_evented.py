@@ -238,6 +238,37 @@ def test_ended_sessions_are_not_kept_alive(echo_target):
         assert len(closed) < 10, f"{len(closed)} closed sockets still referenced after 60 sessions"
 
 
+@pytest.mark.parametrize("protocol", ["tunnel", "mixed"])
+def test_ended_sessions_leave_no_garbage_cycles(echo_target, protocol):
+    """A finished session is freed by reference counting alone: its buffers, codecs and sockets
+    do not wait for (and keep busy) the cyclic garbage collector."""
+    with relay_pair(get_plugin_manager(), local={"protocol": protocol, "forward": str(echo_target)}) as (local, remote):
+
+        def session(data: bytes) -> None:
+            with socket.create_connection(tuple(local.address), timeout=5) as sock:
+                if protocol != "tunnel":  # SOCKS5: a Ready whose callbacks are the handshake's methods
+                    sock.sendall(b"\x05\x01\x00\x05\x01\x00" + encode_address(echo_target))
+                    assert recv_exactly(sock, 2 + 10)[:4] == b"\x05\x00\x05\x00"
+                assert exchange(sock, data) == data
+
+        session(b"warm")  # warm-up: caches, the pump
+        assert wait_until(lambda: local.live_sessions == 0 and remote.live_sessions == 0, timeout=10)
+        gc.collect()
+        gc.disable()
+        try:
+            for n in range(20):
+                session(b"%d" % n)
+            assert wait_until(lambda: local.live_sessions == 0 and remote.live_sessions == 0, timeout=10)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            gc.collect()
+            cyclic = [o for o in gc.garbage if type(o).__module__.startswith(("relay", "plugins")) or isinstance(o, socket.socket)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert not cyclic, sorted({type(o).__qualname__ for o in cyclic})
+
+
 def test_the_event_loop_backs_off_when_out_of_descriptors(tmp_path):
     """An evented remote with 40 descriptors: accept must wait, not spin, and recover."""
     port = free_port()
