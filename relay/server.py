@@ -200,7 +200,6 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
         host = client_address[0]
         with self._live_lock:
             self._live.discard(request)
-            self._detached.discard(request)
             if upstream is not None:
                 self._live.discard(upstream)
             self._sessions -= 1
@@ -388,11 +387,9 @@ class RelayServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.TC
             self._live.add(sock)
 
     def untrack(self, sock: socket.socket) -> None:
-        """``sock`` is closed, or about to be: forget it (as detached too: an evented session's
-        client is never passed to shutdown_request, which would have forgotten it)."""
+        """``sock`` is closed, or about to be: forget it."""
         with self._live_lock:
             self._live.discard(sock)
-            self._detached.discard(sock)
 
     @property
     def live_sessions(self) -> int:
