@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from hashlib import sha1
 from collections.abc import Callable
+from hashlib import sha1
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -250,7 +250,7 @@ class AeadStreamDecryptor(ChunkReceiveBuffer):
         """Decrypt every whole chunk in ``_buf[pos:end]``, ``length`` being the payload length of a
         chunk whose length chunk was read already (else -1); keep the rest for later."""
         buf = self._buf
-        decrypt_into = self._decrypt_into
+        decrypt_into: Callable[..., int] = self._decrypt_into  # type: ignore[assignment]  # set with the salt
         length_out = self._length_out
         out = self._out
         produced = 0
@@ -268,7 +268,7 @@ class AeadStreamDecryptor(ChunkReceiveBuffer):
                 chunk_end = pos + length + TAG_SIZE
                 if chunk_end > end:
                     break
-                decrypt_into(_nonce(nonce), buf[pos:chunk_end], None, out[produced : produced + length])  # type: ignore[misc]
+                decrypt_into(_nonce(nonce), buf[pos:chunk_end], None, out[produced : produced + length])
                 nonce += 1
                 produced += length
                 pos = chunk_end
