@@ -230,6 +230,13 @@ class FirstFlight(Handshake):
             # recorded, so a truncated copy sent ahead of the real client cannot block it.
             self.salt_checked = True
             self._check_salt(getattr(decoder, "salt", None))
+        if not self.plaintext and data:
+            # The whole target header in the first chunk, as clients send it: no accumulation.
+            parsed = decode_address(data)
+            if parsed is not None:
+                target, end = parsed
+                self.ready = Ready(target, decoder, self._encryptor(), bytes(data[end:]))
+                return
         self.plaintext += data
         parsed = decode_address(self.plaintext)
         if parsed is not None:

@@ -11,8 +11,10 @@ import time
 
 import pytest
 from conftest import METHODS, relay_pair
+from relay_plugins.shadowsocks import CIPHERS
 
 from relay import Address, Socks5Error
+from relay.address import encode_address
 from relay.testing import make_config, recv_exactly, recv_until_eof, socks5_connect, start_relay, wait_until
 
 
@@ -224,6 +226,28 @@ def test_wrong_password_garbage_and_truncation_end_one_session_only(pm, echo_tar
     for record in caplog.records:
         if "refused" in record.getMessage():
             assert "\n" not in record.getMessage() and record.exc_info is None
+
+
+@pytest.mark.parametrize("cut", [None, 1, 4, "header"], ids=["one chunk", "1 byte", "4 bytes", "header alone"])
+def test_a_remote_reads_the_target_header_however_the_client_chunks_it(pm, echo_target, cut):
+    """The target header whole in the first chunk with data (what relay's local sends), alone
+    (ss-local), or split across chunks: the same session."""
+    cipher = next(c for c in CIPHERS if c.name == "aes-256-gcm")
+    header = encode_address(echo_target)
+    flight = header + b"ping"
+    cut = len(header) if cut == "header" else cut
+    with start_relay(make_config("remote", pm, method=cipher.name, password="pw", allow_private=True), pm) as remote:
+        encryptor = cipher.encryptor(cipher.key_from_password("pw"))
+        chunks = [flight] if cut is None else [flight[:cut], flight[cut:]]
+        with socket.create_connection(tuple(remote.address), timeout=5) as raw:
+            raw.sendall(b"".join(encryptor.encrypt(chunk) for chunk in chunks))
+            decryptor = cipher.decryptor(cipher.key_from_password("pw"))
+            answer = b""
+            for _ in range(20):
+                answer += decryptor.decrypt(raw.recv(4096))
+                if len(answer) >= 4:
+                    break
+            assert answer == b"ping"
 
 
 def test_probe_close_time_does_not_depend_on_bytes_sent(pm):
