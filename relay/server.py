@@ -637,7 +637,11 @@ class Handshake:
         """``ready``, which the handshake lets go of: the driver takes it once. (Its callbacks
         are often the handshake's own methods; holding each other, the two would outlive the
         session until the cyclic garbage collector ran.)"""
-        ready, self.ready = self.ready, None
+        ready = self.ready
+        try:
+            self.ready = None
+        except AttributeError:
+            pass  # computed (a wrapper's read-only property) and not overridden: nothing to let go of
         return ready
 
     def recv_buffer(self) -> memoryview:

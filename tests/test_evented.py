@@ -16,7 +16,7 @@ import weakref
 
 import pytest
 
-from relay import Address, Endpoint, hookimpl, nonblocking
+from relay import Address, Endpoint, Handshake, Ready, hookimpl, nonblocking
 from relay.net import connect_tcp
 from relay.plugin_manager import get_plugin_manager
 from relay.address import encode_address, decode_address
@@ -269,6 +269,19 @@ def test_ended_sessions_leave_no_garbage_cycles(echo_target, protocol):
             gc.garbage.clear()
             gc.enable()
         assert not cyclic, sorted({type(o).__qualname__ for o in cyclic})
+
+
+def test_take_ready_lets_go_and_tolerates_a_computed_ready():
+    inner = Handshake()
+    inner.ready = ready = Ready(Address("127.0.0.1", 1))
+    assert inner.take_ready() is ready and inner.ready is None  # the handshake no longer holds it
+
+    class Wrapper(Handshake):  # a third-party wrapper that computes ready and does not override take_ready
+        @property  # type: ignore[override]
+        def ready(self):
+            return ready
+
+    assert Wrapper().take_ready() is ready
 
 
 def test_the_event_loop_backs_off_when_out_of_descriptors(tmp_path):
