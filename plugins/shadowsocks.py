@@ -230,18 +230,15 @@ class FirstFlight(Handshake):
             # recorded, so a truncated copy sent ahead of the real client cannot block it.
             self.salt_checked = True
             self._check_salt(getattr(decoder, "salt", None))
-        if not self.plaintext and data:
-            # The whole target header in the first chunk, as clients send it: no accumulation.
-            parsed = decode_address(data)
-            if parsed is not None:
-                target, end = parsed
-                self.ready = Ready(target, decoder, self._encryptor(), bytes(data[end:]))
-                return
-        self.plaintext += data
-        parsed = decode_address(self.plaintext)
-        if parsed is not None:
-            target, end = parsed
-            self.ready = Ready(target, decoder, self._encryptor(), bytes(self.plaintext[end:]))
+        # Usually the whole target header comes in the first chunk: read it from there, without
+        # accumulating a copy (``data`` is valid until the decoder's next call).
+        buffered = self.plaintext + data if self.plaintext else data
+        parsed = decode_address(buffered)
+        if parsed is None:
+            self.plaintext = bytearray(buffered)
+            return
+        target, end = parsed
+        self.ready = Ready(target, decoder, self._encryptor(), bytes(buffered[end:]))
 
     def _check_salt(self, salt: bytes | None) -> None:
         if salt is None:

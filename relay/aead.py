@@ -206,8 +206,6 @@ class AeadStreamDecryptor(ChunkReceiveBuffer):
         self._length_out = bytearray(LENGTH_SIZE)
 
     def recv_buffer(self) -> memoryview:
-        if not self._end and self._length < 0 and not self._filled and self._decrypt_into is not None:
-            return self._buf  # between chunks, nothing buffered: all of it (ChunkReceiveBuffer._offer's fast case)
         # Bytes the chunk being read needs from ``start`` on: its payload and tag once the length
         # is known, else the salt (if still to come) and a length chunk.
         return self._offer(self._length + TAG_SIZE if self._length >= 0 else _LENGTH_CHUNK + (0 if self._decrypt_into else self._salt_size))

@@ -85,7 +85,7 @@ class ChunkReceiveBuffer:
     doubles whenever a receive fills what was offered, up to ``capacity``. A partial chunk moves
     to the front when the space behind it runs short. ``_out`` (plaintext) is as large as
     ``_buf``. Subclasses call ``_offer(needed)`` from ``recv_buffer`` and ``_took(nbytes)`` first
-    in ``received``; ``decrypt`` drives them both.
+    in ``received`` (or do what it does inline); ``decrypt`` drives them both.
     """
 
     def _init_buffer(self, capacity: int) -> None:

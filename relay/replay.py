@@ -164,18 +164,9 @@ class SaltFilter:
         fingerprint = self._fingerprint(salt)
         with self._lock:
             now = self._clock()
-            if now >= self._expiry:
-                self._expire(now)
+            self._expire(now)
             if self._previous is not None and self._find(self._previous, fingerprint) < 0:
                 return False
-            # The common case, twice per stream: the fingerprint's own slot is free and there is
-            # room. (_insert does the same, after a probe, a rotation if full, or a refusal.)
-            current = self._current
-            index = fingerprint % self.slots
-            if not current.table[index] and current.count < self.capacity:
-                current.table[index] = fingerprint
-                current.count += 1
-                return True
             return self._insert(fingerprint, now)
 
     def add(self, salt: bytes) -> None:
@@ -207,9 +198,15 @@ class SaltFilter:
 
     def _insert(self, fingerprint: int, now: float) -> bool:
         """Put ``fingerprint`` in the current generation; False if it was there already."""
-        index = self._find(self._current, fingerprint)
-        if index < 0:
-            return False
+        current = self._current
+        index = fingerprint % self.slots
+        value = current.table[index]
+        if value:  # else its own slot is free, the common case (twice per stream): no probing
+            if value == fingerprint:
+                return False
+            index = self._find(current, fingerprint)
+            if index < 0:
+                return False
         if self._current.count >= self.capacity:
             self._rotate(now, full=True)
             index = self._find(self._current, fingerprint)
