@@ -7,14 +7,28 @@ answer ``relay_open_upstream`` before it (the shadowsocks plugin does, on a loca
 from __future__ import annotations
 
 from .address import Address
+from .config import Config
 from .endpoint import Endpoint
+from .errors import ConfigError
 from .hookspecs import hookimpl, nonblocking
 from .net import connect_tcp, start_connect
-from .server import start_terminal_handler
+from .server import RelayHandler, start_terminal_handler
 from .session import Session
 from .udp import DatagramUpstream, DirectDatagramUpstream, HandlerDatagramUpstream
 
-__all__ = ["relay_open_upstream", "relay_open_datagram_upstream"]
+__all__ = ["relay_configure", "relay_open_upstream", "relay_open_datagram_upstream"]
+
+
+@hookimpl
+def relay_configure(config: Config) -> None:
+    """A remote's ``--handler`` answers tunnelled streams itself: a front-end (one that relays to
+    a target of its own) cannot."""
+    spec = config.upstream_handler
+    if spec is not None and issubclass(spec.handler, RelayHandler):
+        raise ConfigError(
+            f'handler {spec.name!r} is a front-end (it relays to a target of its own); a remote\'s '
+            '"handler" answers tunnelled streams itself, as echo and uppercase do'
+        )
 
 
 @hookimpl(trylast=True)

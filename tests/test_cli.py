@@ -53,6 +53,7 @@ def test_help_and_version():
         (["serve", "--handler", "nope"], "unknown handler 'nope'"),
         (["serve", "--plugin", "no_such_module_anywhere"], "cannot import plugin module"),
         (["serve", "--handler", "shadowsocks"], "relay remote"),
+        (["remote", "--password", "p", "--handler", "tunnel"], "handler 'tunnel' is a front-end"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(args, message):

@@ -100,6 +100,15 @@ def test_errors_name_the_problem(pm, role, flags, file, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_remote_handler_must_answer_by_itself(pm):
+    """A front-end (socks5, tunnel...) relays to a target of its own: refused as a remote's
+    --handler when the relay starts (the core plugin's relay_configure), in one line."""
+    pm.hook.relay_configure(config=make_config("remote", pm, password="p", handler="echo"))
+    with pytest.raises(ConfigError, match="handler 'socks5' is a front-end") as info:
+        pm.hook.relay_configure(config=make_config("remote", pm, password="p", handler="socks5"))
+    assert "\n" not in str(info.value)
+
+
 def test_unknown_key_is_a_warning(pm):
     config = make_config("remote", pm, file={"password": "p", "passwrod": "typo"})
     assert any("passwrod" in w for w in config.warnings)
