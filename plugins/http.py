@@ -48,15 +48,15 @@ class HttpHandshake(Handshake):
     gets ``200 Connection established`` once the upstream is connected, or an error response if
     it is refused (403) or cannot be reached (502). Any other request (an absolute http:// URI:
     bodies, keep-alive, pipelining) is ready with ``serve``: ``HttpProxyHandler.serve_requests``
-    goes on in a thread, reading first every byte read here. A malformed or oversized head (400,
-    431) and a missing or wrong credential (407) are answered, and the session ends.
+    goes on in a thread from that request, with this h11 connection (and what it has buffered).
+    A malformed or oversized head (400, 431) and a missing or wrong credential (407) are
+    answered, and the session ends.
     """
 
     def __init__(self, session: Session, buffer: memoryview | None = None) -> None:
         self.users = session.config.auth
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
         self.buffer = buffer if buffer is not None else memoryview(bytearray(_HANDSHAKE_BUFFER))
-        self.read = bytearray()  # everything received, for a thread that serves a plain request
 
     def recv_buffer(self) -> memoryview:
         return self.buffer
@@ -67,9 +67,7 @@ class HttpHandshake(Handshake):
         raise ProtocolError("closed before sending a request")
 
     def received(self, nbytes: int) -> None:
-        data = bytes(self.buffer[:nbytes])
-        self.read += data
-        self.http.receive_data(data)
+        self.http.receive_data(bytes(self.buffer[:nbytes]))
         self._next_request()
 
     def _next_request(self) -> None:
@@ -84,14 +82,13 @@ class HttpHandshake(Handshake):
             raise ProtocolError("closed before sending a request")
         if not isinstance(event, h11.Request):
             raise ProtocolError(f"unexpected {type(event).__name__} from the client")
-        if _head_size(event) > HEAD_LIMIT:
-            raise self._refuse(431, "request head too large", ProtocolError(f"request head over {HEAD_LIMIT} bytes"))
-        if self.users and not _authorized(event.headers, self.users):
-            self.reply = _response(self.http, *_NEEDS_CREDENTIALS)
-            raise ProtocolError("proxy authentication failed")
+        refused = _refusal(self.http, event, self.users)
+        if refused is not None:
+            self.reply, error = refused
+            raise error
         if event.method != b"CONNECT":
-            read = bytes(self.read)
-            self.ready = Ready(None, serve=lambda handler: handler.serve_requests(pushback=read))
+            http = self.http
+            self.ready = Ready(None, serve=lambda handler: handler.serve_requests(http, event))
             return
         try:
             target = parse_host_port(event.target.decode("ascii"), what="CONNECT target")
@@ -115,21 +112,28 @@ class HttpProxyHandler(RelayHandler):
     def handshake(cls, session: Session) -> HttpHandshake:
         return HttpHandshake(session)
 
-    def serve_requests(self, pushback: bytes = b"") -> None:
-        """Serve the connection's requests in this thread, from the first head on (``pushback``:
-        what the handshake read of it)."""
-        self.pushback = pushback
-        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
+    def serve_requests(self, http: h11.Connection, first: h11.Request) -> None:
+        """Serve the connection's requests in this thread, from ``first`` on: the head the
+        handshake read with ``http`` (and checked), which goes on with what it has buffered."""
+        self.http = http
         self.upstream: _Upstream | None = None
-        self._served = False  # a request was answered: later heads are not the handshake
+        self.request.settimeout(self.session.config.timeout)  # the handshake is over: bodies and later requests get the idle timeout
         try:
-            self._serve_requests()
+            self._serve_requests(first)
         finally:
             if self.upstream is not None:
                 self.close_upstream(self.upstream.endpoint)
 
-    def _serve_requests(self) -> None:
+    def _serve_requests(self, request: h11.Request) -> None:
         while True:
+            if request.method == b"CONNECT":
+                self._connect(request)
+                return
+            if not self._forward(request):
+                return
+            if self.http.our_state is h11.MUST_CLOSE or self.http.their_state is h11.MUST_CLOSE:
+                return
+            self.http.start_next_cycle()
             try:
                 event = self._client_event()
             except h11.RemoteProtocolError as e:
@@ -139,21 +143,12 @@ class HttpProxyHandler(RelayHandler):
                 return
             if not isinstance(event, h11.Request):
                 raise ProtocolError(f"unexpected {type(event).__name__} from the client")
-            if _head_size(event) > HEAD_LIMIT:
-                # h11 bounds only a head still arriving; a whole one in a single read is measured here.
-                self._fail(431, "request head too large", ProtocolError(f"request head over {HEAD_LIMIT} bytes"))
+            refused = _refusal(self.http, event, self.session.config.auth)
+            if refused is not None:
+                response, self.error = refused
+                answer(self.request, response)
                 return
-            if not self._authorized(event.headers):
-                return
-            if event.method == b"CONNECT":
-                self._connect(event)
-                return
-            if not self._forward(event):
-                return
-            self._served = True
-            if self.http.our_state is h11.MUST_CLOSE or self.http.their_state is h11.MUST_CLOSE:
-                return
-            self.http.start_next_cycle()
+            request = event
 
     # -- the client side
 
@@ -161,14 +156,8 @@ class HttpProxyHandler(RelayHandler):
         while True:
             event = self.http.next_event()
             if event is not h11.NEED_DATA:
-                if isinstance(event, h11.Request):
-                    # The first head is the handshake; bodies and later requests get the idle timeout.
-                    self.request.settimeout(self.session.config.timeout)
                 return event
-            if self.http.their_state is h11.IDLE and self.session.bytes_up == 0 and not self._served:
-                self.http.receive_data(self.recv_handshake(HEAD_LIMIT))
-            else:
-                self.http.receive_data(self.request.recv(HEAD_LIMIT))
+            self.http.receive_data(self.request.recv(HEAD_LIMIT))
 
     def _send(self, *events: h11.Event) -> None:
         self.request.sendall(b"".join(self.http.send(event) or b"" for event in events))
@@ -177,14 +166,6 @@ class HttpProxyHandler(RelayHandler):
         """A whole small error response; the connection closes after it."""
         answer(self.request, _error_response(self.http, status, reason))
         self.error = _as_relay_error(error)
-
-    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        users = self.session.config.auth
-        if not users or _authorized(headers, users):
-            return True
-        answer(self.request, _response(self.http, *_NEEDS_CREDENTIALS))
-        self.error = ProtocolError("proxy authentication failed")
-        return False
 
     # -- CONNECT
 
@@ -340,6 +321,17 @@ def _failure_response(http: h11.Connection, target: Address, error: BaseExceptio
     if isinstance(error, TargetRefused):
         return _error_response(http, 403, "target refused")
     return _error_response(http, 502, f"cannot reach {target}")
+
+
+def _refusal(http: h11.Connection, request: h11.Request, users: dict[str, str]) -> tuple[bytes, BaseException] | None:
+    """A request head relay will not serve, first or later on a connection: the response that
+    refuses it and the session's error (431 for a head over HEAD_LIMIT, which h11 bounds only
+    while it arrives; 407 without good credentials); None to go on."""
+    if _head_size(request) > HEAD_LIMIT:
+        return _error_response(http, 431, "request head too large"), ProtocolError(f"request head over {HEAD_LIMIT} bytes")
+    if users and not _authorized(request.headers, users):
+        return _response(http, *_NEEDS_CREDENTIALS), ProtocolError("proxy authentication failed")
+    return None
 
 
 def _authorized(headers: Iterable[tuple[bytes, bytes]], users: dict[str, str]) -> bool:

@@ -422,7 +422,6 @@ class RelayHandler(socketserver.BaseRequestHandler):
     error: BaseException | None = None
     detached = False  # relay() handed the session to the pump, which ends it
     evented = False  # run by the event loop (not by socketserver, which would close the request after handle())
-    pushback = b""  # client bytes read already (by an evented handshake): recv_handshake returns them first
     _unrelayed: list[Endpoint] | None = None  # upstreams opened but not (yet) handed to the pump
 
     @classmethod
@@ -500,9 +499,6 @@ class RelayHandler(socketserver.BaseRequestHandler):
     def recv_handshake(self, size: int) -> bytes:
         """recv for the handshake: one deadline from accept (handshake_timeout) for all of it, so
         a client trickling a byte at a time cannot hold the session open longer."""
-        if self.pushback:
-            data, self.pushback = self.pushback[:size], self.pushback[size:]
-            return data
         left = self.session.started + self.session.config.handshake_timeout - time.monotonic()
         if left <= 0:
             raise TimeoutError("handshake timeout")
