@@ -15,8 +15,8 @@ import errno
 import hmac
 import socket
 import threading
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from relay import Address, Endpoint, Handshake, HandlerSpec, ProtocolError, Ready, RelayHandler, Session, Socks5Error, TargetRefused, hookimpl
