@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""How far down a Python relay's round-trip latency can go: relay and libev against two bare
+Python forwarder pairs, in the same run.
+
+    python bench/floor.py [--repeat 5] [--round-trips 3000] [--methods M ...]
+
+For each method, 64-byte ping-pong on one connection (bench/perf.py's latency client and echo)
+through
+
+    libev      ss-tunnel -> ss-server
+    relay      relay local --protocol tunnel -> relay remote
+    aead-loop  a 40-line epoll loop per side, no sessions, no plugins: the local seals the
+               client's bytes with relay's AEAD stream codec, the remote opens them (one fixed
+               target, so no address header); the same AEAD calls per hop as relay
+    plain-loop the same loop without the codecs: bytes in, bytes out
+
+"aead-loop" is the floor for anything built on Python and `cryptography`: what is left when the
+relay's own code is gone. "plain-loop" shows what the AEAD calls cost on top of it. Runs are
+interleaved and the order rotates each repeat. Prints p50/p99 medians over the repeats, their
+ratio to libev, and each process's CPU per round trip (utime + stime from /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import select
+import socket
+import statistics
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf import EchoTargets, Pair, Pairs, find_tools, measure_latency, password_for
+from relay.testing import free_port
+from throughput import Proc
+
+IMPLS = ("libev", "relay", "aead-loop", "plain-loop")
+LOOPS = {"aead-loop": True, "plain-loop": False}
+
+
+def serve_loop(role: str, listen_port: int, target_port: int, method: str | None) -> None:
+    """One side of a bare forwarder pair. role "local": plain client, sealed upstream;
+    "remote": sealed client, plain upstream. method None: no codecs at all."""
+    seal = open_ = None
+    if method is not None:
+        from relay_plugins.shadowsocks import CIPHERS
+
+        cipher = next(c for c in CIPHERS if c.name == method)
+        key = cipher.key_from_password(password_for(method))
+        seal, open_ = (lambda: cipher.encryptor(key).encode), (lambda: cipher.decryptor(key))
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", listen_port))
+    listener.listen(128)
+    poller = select.epoll()
+    poller.register(listener.fileno(), select.EPOLLIN)
+    ends: dict[int, tuple] = {}  # fd -> (socket, its peer, decoder or None, encoder or None)
+    buffer = memoryview(bytearray(65536))
+    while True:
+        for fd, _ in poller.poll():
+            if fd == listener.fileno():
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", target_port))
+                for sock in (client, upstream):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.setblocking(False)
+                    poller.register(sock.fileno(), select.EPOLLIN)
+                sealed_client = role == "remote"
+                decoder = open_() if open_ else None
+                encode = seal() if seal else None
+                ends[client.fileno()] = (client, upstream, decoder if sealed_client else None, None if sealed_client else encode)
+                ends[upstream.fileno()] = (upstream, client, None if sealed_client else decoder, encode if sealed_client else None)
+                continue
+            src, dst, decoder, encode = ends[fd]
+            if decoder is not None:
+                n = src.recv_into(decoder.recv_buffer())
+                data = decoder.received(n) if n else None
+            else:
+                n = src.recv_into(buffer)
+                data = buffer[:n] if n else None
+            if data is None:
+                for sock in (src, dst):
+                    poller.unregister(sock.fileno())
+                    del ends[sock.fileno()]
+                    sock.close()
+            elif data:
+                dst.sendall(encode(data) if encode else data)
+
+
+def start_loop(stack: ExitStack, logdir: Path, impl: str, method: str, target_port: int) -> Pair:
+    remote_port, local_port = free_port(), free_port()
+    codec = [method] if LOOPS[impl] else []
+    me = [sys.executable, str(Path(__file__).resolve()), "--serve"]
+    remote = Proc(f"{impl}-{method}-remote", [*me, "remote", str(remote_port), str(target_port), *codec], logdir)
+    stack.callback(remote.stop)
+    remote.wait_listening(remote_port)
+    local = Proc(f"{impl}-{method}-local", [*me, "local", str(local_port), str(remote_port), *codec], logdir)
+    stack.callback(local.stop)
+    local.wait_listening(local_port)
+    return Pair(impl, method, local_port, local, remote)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--round-trips", type=int, default=3000)
+    parser.add_argument("--methods", nargs="+", default=["aes-256-gcm", "chacha20-ietf-poly1305"])
+    parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        role, listen, target, *method = args.serve
+        serve_loop(role, int(listen), int(target), method[0] if method else None)
+        return 0
+    binaries = find_tools(["libev"], ["latency"])
+    samples: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="relay-bench-floor-") as tmp:
+        logdir = Path(tmp)
+        echo = EchoTargets(stack, logdir, 1)
+        pairs = Pairs(stack, logdir, {"relay": sys.executable}, binaries)
+        started = {}
+        for method in args.methods:
+            for impl in IMPLS:
+                if impl in LOOPS:
+                    started[impl, method] = start_loop(stack, logdir, impl, method, echo.port)
+                else:
+                    started[impl, method] = pairs.start(impl, method, echo.port, udp=False)
+                measure_latency(started[impl, method], 20, -1)  # it works, and it is warm
+        for rep in range(args.repeat):
+            order = IMPLS[rep % len(IMPLS) :] + IMPLS[: rep % len(IMPLS)]
+            for method in args.methods:
+                for impl in order:
+                    pair = started[impl, method]
+                    before = pair.cpu()
+                    sample = measure_latency(pair, args.round_trips, rep)
+                    after = pair.cpu()
+                    local, remote = (1e6 * (a - b) / args.round_trips for a, b in zip(after, before))  # type: ignore[operator]
+                    samples.setdefault((impl, method), []).append((sample.p50_us, sample.p99_us, local, remote))
+                    print(f"rep {rep + 1} {method:24s} {impl:11s} p50 {sample.p50_us:6.0f} us", file=sys.stderr, flush=True)
+    print(f"\n{'method':24s} {'impl':11s} {'p50 us':>7s} {'p99 us':>7s} {'p50/libev':>9s} {'CPU us/round trip: local':>25s} {'remote':>7s}")
+    for method in args.methods:
+        base = statistics.median(s[0] for s in samples["libev", method])
+        for impl in IMPLS:
+            p50, p99, local, remote = (statistics.median(column) for column in zip(*samples[impl, method]))
+            print(f"{method:24s} {impl:11s} {p50:7.0f} {p99:7.0f} {p50 / base:9.2f} {local:25.1f} {remote:7.1f}")
+    print(f"\nmedians over {args.repeat} repeats of {args.round_trips} round trips; CPU from /proc at 10 ms resolution")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
