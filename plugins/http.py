@@ -26,14 +26,13 @@ from urllib.parse import urlsplit
 
 import h11
 
-from relay import Address, Endpoint, Handshake, HandlerSpec, ProtocolError, Ready, RelayHandler, Session, TargetRefused, hookimpl
+from relay import Address, Endpoint, HandlerSpec, ParsedHandshake, ProtocolError, Ready, RelayHandler, Session, TargetRefused, hookimpl
 from relay.address import parse_host_port
 from relay.codec import PlainDecoder
 from relay.server import answer
 
 HEAD_LIMIT = 64 * 1024
 """Bytes a request or response head may take: the bound on the header section."""
-_HANDSHAKE_BUFFER = 4096  # one read of a request head: h11 gathers a longer one, up to HEAD_LIMIT
 
 _HOP_BY_HOP = frozenset(
     b"connection proxy-connection keep-alive te trailer upgrade proxy-authorization proxy-authenticate".split()
@@ -41,7 +40,7 @@ _HOP_BY_HOP = frozenset(
 _SERVER = b"relay"
 
 
-class HttpHandshake(Handshake):
+class HttpHandshake(ParsedHandshake):
     """The first request head, sans-I/O (h11), so that a CONNECT runs in relay's event loop.
 
     A CONNECT is ready with its target and the bytes the client sent past the head; the client
@@ -53,22 +52,16 @@ class HttpHandshake(Handshake):
     answered, and the session ends.
     """
 
+    what = "the request head"
+
     def __init__(self, session: Session, buffer: memoryview | None = None) -> None:
+        super().__init__(buffer)  # one read of a head: h11 gathers a longer one, up to HEAD_LIMIT
         self.users = session.config.auth
-        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
-        self.buffer = buffer if buffer is not None else memoryview(bytearray(_HANDSHAKE_BUFFER))
-
-    def recv_buffer(self) -> memoryview:
-        return self.buffer
-
-    def eof(self) -> None:
-        self.http.receive_data(b"")
-        self._next_request()  # h11 says what the client left unfinished (a 400), if anything
-        raise ProtocolError("closed before sending a request")
+        self.http = self.protocol = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)  # "http", as elsewhere here
 
     def received(self, nbytes: int) -> None:
-        self.http.receive_data(bytes(self.buffer[:nbytes]))
-        self._next_request()
+        self.feed(nbytes)
+        self._next_request()  # at EOF (nbytes 0), h11 says what the client left unfinished (a 400)
 
     def _next_request(self) -> None:
         try:

@@ -7,10 +7,11 @@ than CONNECT go on in a thread (HttpProxyHandler.serve_requests)."""
 from __future__ import annotations
 
 from relay import Handshake, HandlerSpec, ProtocolError, Ready, RelayHandler, Session, hookimpl
+from relay.server import HANDSHAKE_BUFFER
 
 from .http import HttpHandshake, HttpProxyHandler
 from .socks4 import Socks4Handler, Socks4Handshake
-from .socks5 import _HANDSHAKE_BUFFER, Socks5DatagramHandler, Socks5Handler, Socks5Handshake
+from .socks5 import Socks5DatagramHandler, Socks5Handler, Socks5Handshake
 
 
 class MixedHandler(Socks5Handler, Socks4Handler, HttpProxyHandler):
@@ -26,7 +27,7 @@ class MixedHandshake(Handshake):
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        self.buffer = memoryview(bytearray(_HANDSHAKE_BUFFER))
+        self.buffer = memoryview(bytearray(HANDSHAKE_BUFFER))
         self.inner: Handshake | None = None
 
     @property  # type: ignore[override]

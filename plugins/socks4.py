@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import socket
 
-from relay import Address, Endpoint, HandlerSpec, Ready, RelayHandler, Session, hookimpl
+from relay import Address, Endpoint, HandlerSpec, ParsedHandshake, Ready, RelayHandler, Session, hookimpl
 from relay.errors import Socks4Error
 from relay.socks4 import NEED_DATA, Command, ReplyCode, Socks4Reply, Socks4Server, State
-
-from .socks5 import ParsedHandshake
 
 
 class Socks4Handler(RelayHandler):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from relay import Address, Endpoint, Handshake, HandlerSpec, ProtocolError, Ready, RelayHandler, Session, Socks5Error, TargetRefused, hookimpl
+from relay import Address, Endpoint, HandlerSpec, ParsedHandshake, ProtocolError, Ready, RelayHandler, Session, Socks5Error, TargetRefused, hookimpl
 from relay.socks5 import (
     AuthResult,
     Command,
@@ -80,33 +80,6 @@ class Socks5Handler(RelayHandler):
                 if now == moved:
                     return
                 moved = now
-
-
-_HANDSHAKE_BUFFER = 4096  # a greeting, RFC 1929 credentials or a request, and a first chunk of data
-
-
-class ParsedHandshake(Handshake):
-    """A handshake read by a sans-I/O parser (``receive_data(bytes)``, ``b""`` at EOF): what
-    the loop receives goes to the parser, and at EOF the parser says what the client left
-    unfinished. Subclasses set ``protocol`` and ``what``, and act on events in ``received``."""
-
-    protocol: Any
-    what = "the handshake"
-
-    def __init__(self, buffer: memoryview | None) -> None:
-        self.buffer = buffer if buffer is not None else memoryview(bytearray(_HANDSHAKE_BUFFER))
-
-    def recv_buffer(self) -> memoryview:
-        return self.buffer
-
-    def eof(self) -> None:
-        self.protocol.receive_data(b"")
-        self.received(0)  # the parser raises for what the client left unfinished
-        raise ProtocolError(f"closed during {self.what}")
-
-    def feed(self, nbytes: int) -> None:
-        if nbytes:
-            self.protocol.receive_data(bytes(self.buffer[:nbytes]))
 
 
 class Socks5Handshake(ParsedHandshake):

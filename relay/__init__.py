@@ -13,7 +13,7 @@ from .config import Config
 from .endpoint import Endpoint
 from .errors import ConfigError, DecryptError, ProtocolError, RelayError, Socks5Error, TargetRefused, WouldBlock
 from .hookspecs import HandlerSpec, hookimpl, hookspec, nonblocking
-from .server import Handshake, Ready, RelayHandler
+from .server import Handshake, ParsedHandshake, Ready, RelayHandler
 from .session import Session
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "Config",
     "RelayHandler",
     "Handshake",
+    "ParsedHandshake",
     "Ready",
     "Endpoint",
     "HandlerSpec",

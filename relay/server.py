@@ -650,6 +650,37 @@ class Handshake:
         raise ProtocolError("closed during the handshake")
 
 
+HANDSHAKE_BUFFER = 4096
+"""Bytes a ``ParsedHandshake`` receives into: a SOCKS greeting, credentials and request, or a
+first read of an HTTP request head, with a first chunk of data."""
+
+
+class ParsedHandshake(Handshake):
+    """A handshake read by a sans-I/O parser (``protocol.receive_data(bytes)``, ``b""`` at EOF,
+    as relay's SOCKS parsers and h11 take it): what the driver receives goes to the parser
+    (``feed``), and at EOF ``received(0)`` lets the parser say what the client left unfinished.
+    Subclasses set ``protocol`` and ``what`` and act on the parser's events in ``received``.
+    ``buffer``: where to receive, when a front-end read the first bytes already (``mixed``)."""
+
+    protocol: SansIO
+    what = "the handshake"
+
+    def __init__(self, buffer: memoryview | None = None) -> None:
+        self.buffer = buffer if buffer is not None else memoryview(bytearray(HANDSHAKE_BUFFER))
+
+    def recv_buffer(self) -> memoryview:
+        return self.buffer
+
+    def eof(self) -> None:
+        self.protocol.receive_data(b"")
+        self.received(0)  # the parser raises for what the client left unfinished
+        raise ProtocolError(f"closed during {self.what}")
+
+    def feed(self, nbytes: int) -> None:
+        if nbytes:
+            self.protocol.receive_data(bytes(self.buffer[:nbytes]))
+
+
 def refusal(failure: ProtocolError) -> RelayError:
     """The error a drained session ends with."""
     return (RelayError if getattr(failure, "reported", False) else ProtocolError)(f"refused: {failure}")
