@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""How far down a Python relay's round-trip latency can go: relay and libev against two bare
-Python forwarder pairs, in the same run.
+"""How far down a Python relay's latency and connection rate can go: relay and libev against two
+bare Python forwarder pairs, in the same run.
 
-    python bench/floor.py [--repeat 5] [--round-trips 3000] [--methods M ...]
+    python bench/floor.py [--measure latency conn] [--repeat 5] [--round-trips 3000] [--methods M ...]
 
-For each method, 64-byte ping-pong on one connection (bench/perf.py's latency client and echo)
-through
+For each method, bench/perf.py's `latency` (64-byte ping-pong on one connection) and `conn` (a
+fresh connection per 64-byte request, 16 in flight from 2 client processes, for 3 s), through
 
     libev      ss-tunnel -> ss-server
     relay      relay local --protocol tunnel -> relay remote
@@ -15,9 +15,11 @@ through
     plain-loop the same loop without the codecs: bytes in, bytes out
 
 "aead-loop" is the floor for anything built on Python and `cryptography`: what is left when the
-relay's own code is gone. "plain-loop" shows what the AEAD calls cost on top of it. Runs are
-interleaved and the order rotates each repeat. Prints p50/p99 medians over the repeats, their
-ratio to libev, and each process's CPU per round trip (utime + stime from /proc).
+relay's own code is gone. "plain-loop" shows what the AEAD framing costs on top of it. The loops
+have no target header, salt filter or session bookkeeping, so for new connections the floor is a
+low one. Runs are interleaved and the order rotates each repeat. Prints medians over the
+repeats, their ratio to libev, and each process's CPU (utime + stime from /proc) per round trip
+or per connection.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf import EchoTargets, Pair, Pairs, find_tools, measure_latency, password_for
+from perf import EchoTargets, Pair, Pairs, find_tools, measure_conn, measure_latency, password_for
 from relay.testing import free_port
 from throughput import Proc
 
@@ -104,6 +106,7 @@ def start_loop(stack: ExitStack, logdir: Path, impl: str, method: str, target_po
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--measure", nargs="+", default=["latency", "conn"], choices=["latency", "conn"])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--round-trips", type=int, default=3000)
     parser.add_argument("--methods", nargs="+", default=["aes-256-gcm", "chacha20-ietf-poly1305"])
@@ -114,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         serve_loop(role, int(listen), int(target), method[0] if method else None)
         return 0
     binaries = find_tools(["libev"], ["latency"])
-    samples: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    conn_args = argparse.Namespace(inflight=16, conn_clients=2, conn_seconds=3)  # perf.py's defaults
+    samples: dict[tuple[str, str, str], list[tuple[float, float, float, float]]] = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="relay-bench-floor-") as tmp:
         logdir = Path(tmp)
-        echo = EchoTargets(stack, logdir, 1)
+        echo = EchoTargets(stack, logdir, 2)
         pairs = Pairs(stack, logdir, {"relay": sys.executable}, binaries)
         started = {}
         for method in args.methods:
@@ -129,22 +133,37 @@ def main(argv: list[str] | None = None) -> int:
                 measure_latency(started[impl, method], 20, -1)  # it works, and it is warm
         for rep in range(args.repeat):
             order = IMPLS[rep % len(IMPLS) :] + IMPLS[: rep % len(IMPLS)]
-            for method in args.methods:
-                for impl in order:
-                    pair = started[impl, method]
-                    before = pair.cpu()
-                    sample = measure_latency(pair, args.round_trips, rep)
-                    after = pair.cpu()
-                    local, remote = (1e6 * (a - b) / args.round_trips for a, b in zip(after, before))  # type: ignore[operator]
-                    samples.setdefault((impl, method), []).append((sample.p50_us, sample.p99_us, local, remote))
-                    print(f"rep {rep + 1} {method:24s} {impl:11s} p50 {sample.p50_us:6.0f} us", file=sys.stderr, flush=True)
-    print(f"\n{'method':24s} {'impl':11s} {'p50 us':>7s} {'p99 us':>7s} {'p50/libev':>9s} {'CPU us/round trip: local':>25s} {'remote':>7s}")
-    for method in args.methods:
-        base = statistics.median(s[0] for s in samples["libev", method])
-        for impl in IMPLS:
-            p50, p99, local, remote = (statistics.median(column) for column in zip(*samples[impl, method]))
-            print(f"{method:24s} {impl:11s} {p50:7.0f} {p99:7.0f} {p50 / base:9.2f} {local:25.1f} {remote:7.1f}")
-    print(f"\nmedians over {args.repeat} repeats of {args.round_trips} round trips; CPU from /proc at 10 ms resolution")
+            for what in args.measure:
+                for method in args.methods:
+                    for impl in order:
+                        pair = started[impl, method]
+                        if what == "latency":
+                            before = pair.cpu()
+                            sample = measure_latency(pair, args.round_trips, rep)
+                            after = pair.cpu()
+                            local, remote = (1e6 * (a - b) / args.round_trips for a, b in zip(after, before))  # type: ignore[operator]
+                            row = (sample.p50_us, sample.p99_us, local, remote)
+                        else:
+                            conns = measure_conn(pair, echo, conn_args, rep)
+                            per = max(conns.count, 1)
+                            row = (conns.conn_per_s, 1e3 * conns.local_cpu / per, 1e3 * conns.remote_cpu / per, sum(conns.errors.values()))  # type: ignore[operator]
+                        samples.setdefault((what, impl, method), []).append(row)
+                        print(f"rep {rep + 1} {what:7s} {method:24s} {impl:11s} {row[0]:6.0f}", file=sys.stderr, flush=True)
+    if "latency" in args.measure:
+        print(f"\n{'latency 64 B':24s} {'impl':11s} {'p50 us':>7s} {'p99 us':>7s} {'p50/libev':>9s} {'CPU us/round trip: local':>25s} {'remote':>7s}")
+        for method in args.methods:
+            base = statistics.median(s[0] for s in samples["latency", "libev", method])
+            for impl in IMPLS:
+                p50, p99, local, remote = (statistics.median(column) for column in zip(*samples["latency", impl, method]))
+                print(f"{method:24s} {impl:11s} {p50:7.0f} {p99:7.0f} {p50 / base:9.2f} {local:25.1f} {remote:7.1f}")
+    if "conn" in args.measure:
+        print(f"\n{'new connections':24s} {'impl':11s} {'conn/s':>7s} {'/libev':>7s} {'CPU ms/conn: local':>19s} {'remote':>7s} {'failed':>7s}")
+        for method in args.methods:
+            base = statistics.median(s[0] for s in samples["conn", "libev", method])
+            for impl in IMPLS:
+                rate, local, remote, failed = (statistics.median(column) for column in zip(*samples["conn", impl, method]))
+                print(f"{method:24s} {impl:11s} {rate:7.0f} {rate / base:7.2f} {local:19.3f} {remote:7.3f} {failed:7.0f}")
+    print(f"\nmedians over {args.repeat} repeats; CPU from /proc at 10 ms resolution")
     return 0
 
 
