@@ -30,6 +30,7 @@ import socket
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -40,6 +41,17 @@ from throughput import Proc
 
 IMPLS = ("libev", "relay", "aead-loop", "plain-loop")
 LOOPS = {"aead-loop": True, "plain-loop": False}
+# what: (the table's header, a row from an implementation's medians and the first one's ratio to libev's)
+TABLES: dict[str, tuple[str, Callable[[list[float], float], str]]] = {
+    "latency": (
+        f"{'latency 64 B':24s} {'impl':11s} {'p50 us':>7s} {'p99 us':>7s} {'p50/libev':>9s} {'CPU us/round trip: local':>25s} {'remote':>7s}",
+        lambda m, ratio: f"{m[0]:7.0f} {m[1]:7.0f} {ratio:9.2f} {m[2]:25.1f} {m[3]:7.1f}",
+    ),
+    "conn": (
+        f"{'new connections':24s} {'impl':11s} {'conn/s':>7s} {'/libev':>7s} {'CPU ms/conn: local':>19s} {'remote':>7s} {'failed':>7s}",
+        lambda m, ratio: f"{m[0]:7.0f} {ratio:7.2f} {m[1]:19.3f} {m[2]:7.3f} {m[3]:7.0f}",
+    ),
+}
 
 
 def serve_loop(role: str, listen_port: int, target_port: int, method: str | None) -> None:
@@ -149,20 +161,14 @@ def main(argv: list[str] | None = None) -> int:
                             row = (conns.conn_per_s, 1e3 * conns.local_cpu / per, 1e3 * conns.remote_cpu / per, sum(conns.errors.values()))  # type: ignore[operator]
                         samples.setdefault((what, impl, method), []).append(row)
                         print(f"rep {rep + 1} {what:7s} {method:24s} {impl:11s} {row[0]:6.0f}", file=sys.stderr, flush=True)
-    if "latency" in args.measure:
-        print(f"\n{'latency 64 B':24s} {'impl':11s} {'p50 us':>7s} {'p99 us':>7s} {'p50/libev':>9s} {'CPU us/round trip: local':>25s} {'remote':>7s}")
+    for what in args.measure:
+        header, row = TABLES[what]
+        print(f"\n{header}")
         for method in args.methods:
-            base = statistics.median(s[0] for s in samples["latency", "libev", method])
+            base = statistics.median(s[0] for s in samples[what, "libev", method])
             for impl in IMPLS:
-                p50, p99, local, remote = (statistics.median(column) for column in zip(*samples["latency", impl, method]))
-                print(f"{method:24s} {impl:11s} {p50:7.0f} {p99:7.0f} {p50 / base:9.2f} {local:25.1f} {remote:7.1f}")
-    if "conn" in args.measure:
-        print(f"\n{'new connections':24s} {'impl':11s} {'conn/s':>7s} {'/libev':>7s} {'CPU ms/conn: local':>19s} {'remote':>7s} {'failed':>7s}")
-        for method in args.methods:
-            base = statistics.median(s[0] for s in samples["conn", "libev", method])
-            for impl in IMPLS:
-                rate, local, remote, failed = (statistics.median(column) for column in zip(*samples["conn", impl, method]))
-                print(f"{method:24s} {impl:11s} {rate:7.0f} {rate / base:7.2f} {local:19.3f} {remote:7.3f} {failed:7.0f}")
+                medians = [statistics.median(column) for column in zip(*samples[what, impl, method])]
+                print(f"{method:24s} {impl:11s} {row(medians, medians[0] / base)}")
     print(f"\nmedians over {args.repeat} repeats; CPU from /proc at 10 ms resolution")
     return 0
 
