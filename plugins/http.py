@@ -57,7 +57,8 @@ class HttpHandshake(ParsedHandshake):
     def __init__(self, session: Session, buffer: memoryview | None = None) -> None:
         super().__init__(buffer)  # one read of a head: h11 gathers a longer one, up to HEAD_LIMIT
         self.users = session.config.auth
-        self.http = self.protocol = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)  # "http", as elsewhere here
+        # ParsedHandshake feeds "protocol"; "http" is what this module calls an h11 connection elsewhere
+        self.http = self.protocol = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
 
     def received(self, nbytes: int) -> None:
         self.feed(nbytes)
