@@ -85,7 +85,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import udp as udp_bench  # bench/udp.py: the paced senders and the UDP sink
-from throughput import PASSWORD, STARTUP_TIMEOUT, Proc, collect_reports, libev_version, machine_info
+from throughput import PASSWORD, STARTUP_TIMEOUT, Proc, collect_reports, host_cpu, libev_version, machine_info
 
 from relay.testing import free_port, singbox_binary, stop_process
 
@@ -189,14 +189,6 @@ def _cpu_one(pid: int) -> float:
 def tree_cpu(pid: int) -> float:
     """utime + stime of pid and its descendants, in seconds."""
     return sum(_cpu_one(p) for p in descendants(pid))
-
-
-def host_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies of all the host's CPUs, from /proc/stat (idle and iowait are not busy)."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    total = sum(values[:8])  # guest time is already in user
-    return total - values[3] - values[4], total
 
 
 def rss_kib(pid: int) -> int:
@@ -1228,6 +1220,7 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
                     udp_loss_check,
                 )
             )
+            rows.append(Row(name, method, "host CPU busy %", per_impl("udp", method, lambda s: _pct(s.host_busy)), ".0f"))
             for side in ("local", "remote"):
                 rows.append(
                     Row(
@@ -1735,7 +1728,8 @@ def main(argv: list[str] | None = None) -> int:
                                 what,
                                 method,
                                 impl,
-                                f"offered {s.offered_mbit:4.0f}  delivered {s.delivered_mbit:4.0f} Mbit/s  loss {s.loss_pct:5.2f} %",
+                                f"offered {s.offered_mbit:4.0f}  delivered {s.delivered_mbit:4.0f} Mbit/s  loss {s.loss_pct:5.2f} %  "
+                                f"host CPU busy {_pct(s.host_busy) or 0:3.0f} %",
                             )
                         elif what == "memory":
                             if impl == "direct":

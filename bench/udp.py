@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import METHODS, STARTUP_TIMEOUT, Path_, _cpu, collect_reports, find_libev, machine_info, start_libev_pair, start_relay_pair
+from throughput import METHODS, STARTUP_TIMEOUT, Path_, _cpu, collect_reports, find_libev, host_cpu, machine_info, start_libev_pair, start_relay_pair
 
 from relay.testing import stop_process
 
@@ -386,6 +386,7 @@ class ThroughputSample:
     rcvbuf_errors: int | None  # host-wide datagrams dropped at a full receive buffer during the run
     local_cpu: float | None
     remote_cpu: float | None
+    host_busy: float | None = None  # share of all the host's CPU time that was busy while the senders sent (0..1)
 
 
 def udp_rcvbuf_errors() -> int | None:
@@ -403,7 +404,9 @@ def measure_throughput(
 ) -> ThroughputSample:
     before = _cpu(path)
     errors_before = udp_rcvbuf_errors()
+    host_before = host_cpu()
     results = offer(path.port, run, rate_bps, seconds, senders)
+    host_after = host_cpu()
     # Wait for the sink's count to hold still: what is still queued in the relays arrives.
     counts = target.counts(run)
     still_since = time.monotonic()
@@ -441,6 +444,7 @@ def measure_throughput(
         rcvbuf_errors=None if errors_before is None or errors_after is None else errors_after - errors_before,
         local_cpu=local_cpu,
         remote_cpu=remote_cpu,
+        host_busy=(host_after[0] - host_before[0]) / (host_after[1] - host_before[1]) if host_after[1] > host_before[1] else None,
     )
 
 
