@@ -85,7 +85,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import udp as udp_bench  # bench/udp.py: the paced senders and the UDP sink
-from throughput import PASSWORD, STARTUP_TIMEOUT, Proc, collect_reports, host_cpu, libev_version, machine_info
+from throughput import PASSWORD, STARTUP_TIMEOUT, Proc, busy_share, collect_reports, host_cpu, libev_version, machine_info
 
 from relay.testing import free_port, singbox_binary, stop_process
 
@@ -857,9 +857,7 @@ def measure_conn(pair: Pair, echo: EchoTargets, args: argparse.Namespace, rep: i
         target_cpu_pct=100.0 * (target_after - target_before) / seconds if seconds > 0 else 0.0,
         local_cpu=local_cpu,
         remote_cpu=remote_cpu,
-        host_busy=(host_after[0] - host_before[0]) / (host_after[1] - host_before[1])
-        if host_after[1] > host_before[1]
-        else None,
+        host_busy=busy_share(host_before, host_after),
     )
 
 
@@ -1014,8 +1012,7 @@ def measure_bulk(
         after, host_after = pair.cpu(), host_cpu()
         break
     local_cpu, remote_cpu = delta(before, after)
-    host_total = host_after[1] - host_before[1]
-    host_busy = (host_after[0] - host_before[0]) / host_total if host_total > 0 else None
+    host_busy = busy_share(host_before, host_after)
     return BulkSample(
         rep,
         pair.method,

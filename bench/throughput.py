@@ -170,6 +170,12 @@ def host_cpu() -> tuple[int, int]:
     return total - values[3] - values[4], total
 
 
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share (0..1) of the host's CPU time that was busy between two ``host_cpu()`` readings."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else None
+
+
 def machine_info(binaries: dict[str, str]) -> dict:
     """What a results file says of where it was measured."""
     return {

@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import METHODS, STARTUP_TIMEOUT, Path_, _cpu, collect_reports, find_libev, host_cpu, machine_info, start_libev_pair, start_relay_pair
+from throughput import METHODS, STARTUP_TIMEOUT, Path_, _cpu, busy_share, collect_reports, find_libev, host_cpu, machine_info, start_libev_pair, start_relay_pair
 
 from relay.testing import stop_process
 
@@ -444,7 +444,7 @@ def measure_throughput(
         rcvbuf_errors=None if errors_before is None or errors_after is None else errors_after - errors_before,
         local_cpu=local_cpu,
         remote_cpu=remote_cpu,
-        host_busy=(host_after[0] - host_before[0]) / (host_after[1] - host_before[1]) if host_after[1] > host_before[1] else None,
+        host_busy=busy_share(host_before, host_after),
     )
 
 
