@@ -86,8 +86,10 @@ class Socks5Handshake(ParsedHandshake):
     """Greeting, method selection, RFC 1929 credentials, request; replies go in ``reply``.
 
     CONNECT is ready with the target and replies once the upstream is connected (naming the
-    bound address) or failed (a reply code for the error). UDP ASSOCIATE is ready with ``serve``:
-    the handler's ``_associate`` holds the control connection in a thread.
+    bound address) or failed (a reply code for the error). A client that sent its request with
+    its greeting (pipelined) has not read the method selection yet: that waits, and leaves with
+    the reply to the request, one send and one packet instead of two. UDP ASSOCIATE is ready
+    with ``serve``: the handler's ``_associate`` holds the control connection in a thread.
     """
 
     what = "the SOCKS5 handshake"
@@ -96,6 +98,7 @@ class Socks5Handshake(ParsedHandshake):
         super().__init__(buffer)
         self.users = session.config.auth
         self.protocol = Socks5Server()
+        self._held = b""  # replies a pipelining client gets with the reply to its CONNECT
 
     def received(self, nbytes: int) -> None:
         self.feed(nbytes)
@@ -136,6 +139,7 @@ class Socks5Handshake(ParsedHandshake):
             return
         if request.command is not Command.CONNECT:
             raise Socks5Error(ReplyCode.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported")
+        self._held, self.reply = self.reply, b""
         self.ready = Ready(
             request.target, early=self.protocol.trailing_data, connected=self._succeeded, failed=self._failed
         )
@@ -156,12 +160,14 @@ class Socks5Handshake(ParsedHandshake):
             bound = Address(str(host), int(port))
         else:
             bound = Reply.bound  # through a tunnel the outgoing address is the remote's to know
-        return self.protocol.send(Reply(ReplyCode.SUCCEEDED, bound))
+        held, self._held = self._held, b""
+        return held + self.protocol.send(Reply(ReplyCode.SUCCEEDED, bound))
 
     def _failed(self, error: BaseException) -> bytes:
         if self.protocol.state.name not in ("REQUEST", "REPLYING"):
             return b""  # not at the request yet: a SOCKS5 reply would be out of turn
-        return self.protocol.send(Reply(reply_code_for(error)))
+        held, self._held = self._held, b""
+        return held + self.protocol.send(Reply(reply_code_for(error)))
 
 
 @dataclass(eq=False)

@@ -317,13 +317,16 @@ def drive(handshake: Any, chunks: list[bytes], eof_at_end: bool = False) -> tupl
 
 
 def front_end(handshake: Any, chunks: list[bytes]) -> tuple:
-    """What a handshake driven by ``drive`` ends with, and every byte it replied."""
+    """What a handshake driven by ``drive`` ends with, and every byte the client gets: when it
+    is ready, up to the answer to an upstream that failed (which brings any reply held back)."""
     error, replies, _ = drive(handshake, chunks)
     if error is not None:
         return ("error", str(error), replies)
     ready = handshake.ready
     if ready is None:
         return ("more", None, replies)
+    if ready.failed is not None:
+        replies += ready.failed(ConnectionRefusedError())
     return ("ready", (ready.target, ready.serve is not None), replies)
 
 
@@ -357,6 +360,9 @@ def test_socks5_and_mixed_front_end_handshakes_same_however_split(data, cuts, au
     assert_front_end_same_however_split(lambda: MixedHandshake(session), data, cuts, messages=data[:1] in (b"\x04", b"\x05"))
 
 
+REFUSED = b"\x05\x05\x00\x01" + bytes(6)  # the reply to a CONNECT whose upstream refused
+
+
 def test_socks5_front_end_replies_to_the_seeds():
     for data in SOCKS5_SEEDS:
         kind, found, replies = front_end(Socks5Handshake(socks5_session(False)), [data])
@@ -364,11 +370,27 @@ def test_socks5_front_end_replies_to_the_seeds():
         if command == 2:  # BIND is refused with "command not supported"
             assert kind == "error" and replies.endswith(b"\x05\x07\x00\x01" + bytes(6))
         else:
-            assert kind == "ready" and replies == b"\x05\x00"
+            # UDP ASSOCIATE (3) is served in a thread, which replies itself
+            assert kind == "ready" and replies == b"\x05\x00" + (REFUSED if command == 1 else b"")
     for data in SOCKS5_AUTH_SEEDS:
         kind, found, replies = front_end(Socks5Handshake(socks5_session(True)), [data])
         verdict = b"\x01\x00" if b"alice\x06s3cret" in data else b"\x01\x01"
-        assert replies == b"\x05\x02" + verdict and kind == ("ready" if verdict == b"\x01\x00" else "error")
+        assert replies == b"\x05\x02" + verdict + (REFUSED if kind == "ready" else b"")
+        assert kind == ("ready" if verdict == b"\x01\x00" else "error")
+
+
+def test_socks5_holds_a_pipelining_clients_method_selection_for_the_connect_reply():
+    """Greeting and request in one read: nothing goes out until the upstream answers, and then
+    the method selection and the reply go together. A greeting alone is answered at once."""
+    data = SOCKS5_SEEDS[0]
+    pipelined = Socks5Handshake(socks5_session(False))
+    error, replies, _ = drive(pipelined, [data])
+    assert error is None and replies == b"" and pipelined.ready is not None
+    upstream = SimpleNamespace(bound=Address("127.0.0.1", 1080), encoder=None, sock=None)
+    assert pipelined.ready.connected(upstream) == b"\x05\x00" + b"\x05\x00\x00\x01\x7f\x00\x00\x01\x04\x38"
+    greeting_first = Socks5Handshake(socks5_session(False))
+    kind, _, replies = front_end(greeting_first, [data[:3]])
+    assert (kind, replies) == ("more", b"\x05\x00")
 
 
 UDP_SEEDS = [b"\x00\x00\x00" + encode_address(a) + b"payload" for a in (Address("1.2.3.4", 53), Address("::1", 53), Address("example.com", 443))]
