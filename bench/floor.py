@@ -17,9 +17,10 @@ fresh connection per 64-byte request, 16 in flight from 2 client processes, for 
 "aead-loop" is the floor for anything built on Python and `cryptography`: what is left when the
 relay's own code is gone. "plain-loop" shows what the AEAD framing costs on top of it. The loops
 have no target header, salt filter or session bookkeeping, so for new connections the floor is a
-low one. Runs are interleaved and the order rotates each repeat. Prints medians over the
-repeats, their ratio to libev, and each process's CPU (utime + stime from /proc) per round trip
-or per connection.
+low one. Runs are interleaved and the order rotates each repeat; the latency runs of the four
+take turns of 100 round trips (perf.measure_latency). Prints medians over the repeats, their
+ratio to libev, and each process's CPU (utime + stime from /proc) per round trip or per
+connection.
 """
 
 from __future__ import annotations
@@ -142,23 +143,21 @@ def main(argv: list[str] | None = None) -> int:
                     started[impl, method] = start_loop(stack, logdir, impl, method, echo.port)
                 else:
                     started[impl, method] = pairs.start(impl, method, echo.port, udp=False)
-                measure_latency(started[impl, method], 20, -1)  # it works, and it is warm
+                measure_latency([started[impl, method]], 20, -1)  # it works, and it is warm
         for rep in range(args.repeat):
             order = IMPLS[rep % len(IMPLS) :] + IMPLS[: rep % len(IMPLS)]
             for what in args.measure:
                 for method in args.methods:
-                    for impl in order:
-                        pair = started[impl, method]
-                        if what == "latency":
-                            before = pair.cpu()
-                            sample = measure_latency(pair, args.round_trips, rep)
-                            after = pair.cpu()
-                            local, remote = (1e6 * (a - b) / args.round_trips for a, b in zip(after, before))  # type: ignore[operator]
-                            row = (sample.p50_us, sample.p99_us, local, remote)
-                        else:
-                            conns = measure_conn(pair, echo, conn_args, rep)
+                    rows: list[tuple[str, tuple]] = []
+                    if what == "latency":  # all four at once, taking turns
+                        for sample in measure_latency([started[impl, method] for impl in order], args.round_trips, rep):
+                            rows.append((sample.impl, (sample.p50_us, sample.p99_us, sample.local_cpu_us, sample.remote_cpu_us)))
+                    else:
+                        for impl in order:
+                            conns = measure_conn(started[impl, method], echo, conn_args, rep)
                             per = max(conns.count, 1)
-                            row = (conns.conn_per_s, 1e3 * conns.local_cpu / per, 1e3 * conns.remote_cpu / per, sum(conns.errors.values()))  # type: ignore[operator]
+                            rows.append((impl, (conns.conn_per_s, 1e3 * conns.local_cpu / per, 1e3 * conns.remote_cpu / per, sum(conns.errors.values()))))  # type: ignore[operator]
+                    for impl, row in rows:
                         samples.setdefault((what, impl, method), []).append(row)
                         print(f"rep {rep + 1} {what:7s} {method:24s} {impl:11s} {row[0]:6.0f}", file=sys.stderr, flush=True)
     for what in args.measure:

@@ -37,7 +37,8 @@ every implementation alike and the ratios against libev hold better than the abs
               bytes at once and reads both replies and 64 bytes; the path a browser takes (no
               target in issue 4, reported; direct has no SOCKS5, and sing-box's socks inbound
               drops data sent ahead of its reply, so both show "-")
-    latency   64-byte ping-pong on one connection, --round-trips of them: p50 and p99
+    latency   64-byte ping-pong on one connection, --round-trips of them: p50 and p99; the pairs
+              take turns of 100 round trips, so that all meet the same moments of the host
     udp       1200-byte datagrams offered at --udp-rate-mbit, paced (bench/udp.py's senders and
               sink); achieved offered rate, delivered rate and loss
     memory    a fresh pair per repeat: idle VmRSS of each relay process, then --idle-conns
@@ -864,6 +865,10 @@ def measure_conn(pair: Pair, echo: EchoTargets, args: argparse.Namespace, rep: i
 # --- latency ----------------------------------------------------------------------------------
 
 
+LATENCY_TURN = 100  # timed round trips per pair per turn
+LATENCY_WARM = 5  # untimed ones first in each turn: the caches are the previous pair's
+
+
 @dataclass
 class LatencySample:
     rep: int
@@ -873,6 +878,8 @@ class LatencySample:
     p50_us: float
     p99_us: float
     mean_us: float
+    local_cpu_us: float | None = None  # CPU per timed round trip, each relay process (None: no process)
+    remote_cpu_us: float | None = None
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -887,29 +894,57 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def measure_latency(pair: Pair, round_trips: int, rep: int) -> LatencySample:
+def measure_latency(pairs: list[Pair], round_trips: int, rep: int) -> list[LatencySample]:
+    """``round_trips`` pings of 64 B through each pair on one connection, the pairs taking turns
+    (LATENCY_TURN each, the order reversed every turn): a busy moment of the host falls on all of
+    them alike. Pairs measured one after another met different moments: relay/libev read 1.71 in
+    one repeat and 1.24 in the next. CPU is read around each pair's timed turns only."""
     message = os.urandom(MSG_SIZE)
-    times = []
-    with socket.create_connection(("127.0.0.1", pair.port), timeout=10.0) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        clock = time.perf_counter_ns
-        for n in range(100 + round_trips):  # 100 untimed
-            start = clock()
-            sock.sendall(message)
-            if _recv_exactly(sock, MSG_SIZE) != message:
-                raise RuntimeError(f"{pair.impl} {pair.method}: the echo came back changed")
-            if n >= 100:
-                times.append(clock() - start)
-    times.sort()
-    return LatencySample(
-        rep,
-        pair.method,
-        pair.impl,
-        round_trips,
-        udp_bench.percentile(times, 0.50) / 1e3,
-        udp_bench.percentile(times, 0.99) / 1e3,
-        statistics.fmean(times) / 1e3,
-    )
+    clock = time.perf_counter_ns
+
+    def ping(pair: Pair, sock: socket.socket) -> int:
+        start = clock()
+        sock.sendall(message)
+        if _recv_exactly(sock, MSG_SIZE) != message:
+            raise RuntimeError(f"{pair.impl} {pair.method}: the echo came back changed")
+        return clock() - start
+
+    with ExitStack() as stack:
+        runs: list[tuple[Pair, socket.socket, list[int], list[float]]] = []
+        for pair in pairs:
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", pair.port), timeout=10.0))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(100):
+                ping(pair, sock)
+            runs.append((pair, sock, [], [0.0, 0.0]))
+        for turn in range(-(-round_trips // LATENCY_TURN)):
+            count = min(LATENCY_TURN, round_trips - turn * LATENCY_TURN)
+            for pair, sock, times, cpu in runs if turn % 2 == 0 else runs[::-1]:
+                for _ in range(LATENCY_WARM):
+                    ping(pair, sock)
+                before = pair.cpu()
+                times.extend(ping(pair, sock) for _ in range(count))
+                for i, (a, b) in enumerate(zip(pair.cpu(), before)):
+                    if a is not None and b is not None:
+                        cpu[i] += a - b
+    samples = []
+    for pair, _, times, cpu in runs:
+        times.sort()
+        local_us, remote_us = (1e6 * c / round_trips if proc is not None else None for c, proc in zip(cpu, (pair.local, pair.remote)))
+        samples.append(
+            LatencySample(
+                rep,
+                pair.method,
+                pair.impl,
+                round_trips,
+                udp_bench.percentile(times, 0.50) / 1e3,
+                udp_bench.percentile(times, 0.99) / 1e3,
+                statistics.fmean(times) / 1e3,
+                local_us,
+                remote_us,
+            )
+        )
+    return samples
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -1200,6 +1235,8 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
                 )
             )
             rows.append(Row("latency 64 B", method, "p99 us", per_impl("latency", method, lambda s: s.p99_us), ".0f"))
+            rows.append(Row("latency 64 B", method, "local CPU us/rt", per_impl("latency", method, lambda s: s.local_cpu_us), ".1f"))
+            rows.append(Row("latency 64 B", method, "remote CPU us/rt", per_impl("latency", method, lambda s: s.remote_cpu_us), ".1f"))
         if samples["udp"]:
             name = "udp 1200 B"
             rows.append(Row(name, method, "offered Mbit/s", per_impl("udp", method, lambda s: s.offered_mbit), ".0f"))
@@ -1623,7 +1660,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         # Prove every path works (and warm it up) before anything is timed.
         for pair in echo_pairs.values():
-            measure_latency(pair, 20, -1)
+            measure_latency([pair], 20, -1)
             if "udp" in args.measure:
                 udp_bench.probe(pair)
         for pair in [*iperf_pairs.values(), *worker_pairs.values()]:
@@ -1672,6 +1709,11 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{s.mb_per_s:7.0f} MB/s  CPU {_fmt(_sum(s.local_cpu, s.remote_cpu), '.2f')} s",
                             )
                         continue
+                    if what == "latency":  # every pair at once, taking turns
+                        for s in measure_latency([echo_pairs[i, method] for i in order if supports(i, method)], args.round_trips, rep):
+                            samples["latency"].append(s)
+                            _progress(rep, what, method, s.impl, f"p50 {s.p50_us:6.0f} us  p99 {s.p99_us:6.0f} us")
+                        continue
                     for impl in order:
                         if not supports(impl, method):
                             continue
@@ -1711,10 +1753,6 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{s.conn_per_s:7.0f} conn/s  failed {sum(s.errors.values())}  client CPU {s.client_cpu_pct:3.0f} %  "
                                 f"target CPU {s.target_cpu_pct:3.0f} %  host CPU busy {_pct(s.host_busy) or 0:3.0f} %",
                             )
-                        elif what == "latency":
-                            s = measure_latency(echo_pairs[impl, method], args.round_trips, rep)
-                            samples["latency"].append(s)
-                            _progress(rep, what, method, impl, f"p50 {s.p50_us:6.0f} us  p99 {s.p99_us:6.0f} us")
                         elif what == "udp":
                             assert udp_target is not None
                             udp_run += 1
@@ -1907,7 +1945,8 @@ def print_legend(args: argparse.Namespace) -> None:
             "completed connection. conn/s: completed connections (connect, 64 B each way, close) per second; SOCKS5: the "
             "same through a SOCKS5 local, greeting and CONNECT sent with the data (relay --protocol socks5, ss-local). "
             "latency: "
-            "round trip of 64 B on one connection. udp: 1200 B datagrams paced at the asked rate; offered = what was "
+            f"round trip of 64 B on one connection, the pairs taking turns of {LATENCY_TURN}; us/rt: CPU per round "
+            "trip, read around the timed turns. udp: 1200 B datagrams paced at the asked rate; offered = what was "
             "really sent per second of sending, loss = sent but never counted by the sink (target: at most 2x libev's "
             f"loss, with a {UDP_LOSS_FLOOR_PCT:g}-point floor, and under {UDP_COLLAPSE_PCT:g}%). memory: VmRSS of a fresh "
             "pair (with --udp / -u) after one connection, and (RSS with N idle established connections - idle) / N. "
