@@ -160,14 +160,17 @@ class Socks5Handshake(ParsedHandshake):
             bound = Address(str(host), int(port))
         else:
             bound = Reply.bound  # through a tunnel the outgoing address is the remote's to know
-        held, self._held = self._held, b""
-        return held + self.protocol.send(Reply(ReplyCode.SUCCEEDED, bound))
+        return self._after_held(Reply(ReplyCode.SUCCEEDED, bound))
 
     def _failed(self, error: BaseException) -> bytes:
         if self.protocol.state.name not in ("REQUEST", "REPLYING"):
             return b""  # not at the request yet: a SOCKS5 reply would be out of turn
+        return self._after_held(Reply(reply_code_for(error)))
+
+    def _after_held(self, reply: Reply) -> bytes:
+        """``reply`` as bytes, after the replies held for a pipelining client (once)."""
         held, self._held = self._held, b""
-        return held + self.protocol.send(Reply(reply_code_for(error)))
+        return held + self.protocol.send(reply)
 
 
 @dataclass(eq=False)
