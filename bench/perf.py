@@ -526,6 +526,7 @@ class Pairs:
     def __init__(self, stack: ExitStack, logdir: Path, pythons: dict[str, str], binaries: dict[str, str]) -> None:
         self.stack, self.logdir, self.pythons, self.binaries = stack, logdir, pythons, binaries
         self.serial = 0
+        self.relay_entry = ["-m", "relay"]  # what follows the Python in a relay's command line
 
     def _name(self, what: str) -> str:
         self.serial += 1
@@ -562,7 +563,7 @@ class Pairs:
     def _start_relay(
         self, impl: str, method: str, target_port: int, udp: bool, workers: int | None, workers_on: str, socks5: bool = False
     ) -> Pair:
-        relay = [self.pythons[impl], "-m", "relay"]
+        relay = [self.pythons[impl], *self.relay_entry]
         remote_port, local_port = free_port(), free_port()
         common = ["--method", method, "--password", password_for(method), "-q", *(["--udp"] if udp else [])]
         remote_workers = ["--workers", str(workers)] if workers else []
