@@ -36,7 +36,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from perf import EchoTargets, Pair, Pairs, find_tools, measure_conn, measure_latency, password_for
+from perf import EchoTargets, Pair, Pairs, find_tools, measure_conn, measure_latency, password_for, unwind_on_sigterm
 from relay.testing import free_port
 from throughput import Proc
 
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         role, listen, target, *method = args.serve
         serve_loop(role, int(listen), int(target), method[0] if method else None)
         return 0
+    unwind_on_sigterm()
     binaries = find_tools(["libev"], ["latency"])
     conn_args = argparse.Namespace(inflight=16, conn_clients=2, conn_seconds=3)  # perf.py's defaults
     samples: dict[tuple[str, str, str], list[tuple[float, float, float, float]]] = {}

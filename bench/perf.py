@@ -1610,10 +1610,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def unwind_on_sigterm() -> None:
+    """SIGTERM ends a bench as an exception would, so that its exit stack stops every process it
+    started and removes its files (a bench run in the background ignores Ctrl-C's SIGINT)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_echo is not None:
         return run_echo(args.serve_echo)
+    unwind_on_sigterm()
     if importlib.util.find_spec("relay") is None:
         sys.exit(
             f"perf: {sys.executable} cannot import relay (the bench's targets use relay.testing); use the venv's python"
