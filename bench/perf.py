@@ -1434,7 +1434,7 @@ def find_tools(impls: list[str], measurements: list[str]) -> dict[str, str]:
     return tools
 
 
-# What a Python is, as far as relay's speed goes: the same relay had 13-19% lower latency on
+# What a Python is, as far as relay's speed goes: the same relay had 11-19% lower latency on
 # Debian's python3 (PGO, LTO, the interpreter linked into the executable) than on pyenv's default
 # build of the same minor version (no PGO or LTO, libpython a shared library).
 _INTERPRETER = """
