@@ -804,6 +804,8 @@ class ConnSample:
     local_cpu: float | None
     remote_cpu: float | None
     host_busy: float | None  # share of all the host's CPU time that was busy during the run (0..1)
+    client_cpu: float | None = None  # CPU seconds of all client processes together
+    target_cpu: float | None = None  # of all echo target processes together
 
 
 def socks5_connect_request(target_port: int) -> tuple[bytes, int]:
@@ -860,6 +862,8 @@ def measure_conn(pair: Pair, echo: EchoTargets, args: argparse.Namespace, rep: i
         local_cpu=local_cpu,
         remote_cpu=remote_cpu,
         host_busy=busy_share(host_before, host_after),
+        client_cpu=sum(r["cpu"] for r in results),
+        target_cpu=target_after - target_before,
     )
 
 
@@ -1187,7 +1191,9 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
                     at_least(target) if target else None,
                 )
             )
-            for side in ("local", "remote"):
+            # The load's own processes too: they share the machine's CPUs with the relays, so a
+            # client or target that costs more per connection lowers every pair's conn/s.
+            for side in ("local", "remote", "client", "target"):
                 rows.append(
                     Row(
                         label,
@@ -1198,7 +1204,7 @@ def build_rows(samples: dict[str, list], methods: list[str], impls: list[str], w
                             method,
                             lambda s, side=side: (
                                 None
-                                if getattr(s, f"{side}_cpu") is None or not s.count
+                                if getattr(s, f"{side}_cpu", None) is None or not s.count
                                 else getattr(s, f"{side}_cpu") * 1e3 / s.count
                             ),
                         ),
@@ -1434,7 +1440,7 @@ def find_tools(impls: list[str], measurements: list[str]) -> dict[str, str]:
     return tools
 
 
-# What a Python is, as far as relay's speed goes: the same relay had 11-19% lower latency on
+# What a Python is, as far as relay's speed goes: the same relay had 10-16% lower latency on
 # Debian's python3 (PGO, LTO, the interpreter linked into the executable) than on pyenv's default
 # build of the same minor version (no PGO or LTO, libpython a shared library).
 _INTERPRETER = """
