@@ -59,6 +59,7 @@ from relay.aead import Aead2017Cipher
 from relay.aead2022 import CIPHERS as CIPHERS_2022
 from relay.aead2022 import PskChain, ReplayError, SaltStore
 from relay.codec import DatagramCodec
+from relay.gso import DatagramBatch
 from relay.net import connect_tcp, start_connect
 from relay.replay import SaltFilter
 from relay.udp import MAX_DATAGRAM, DatagramHandler, RelayUDPServer, udp_socket
@@ -387,7 +388,8 @@ def _codec(cache: dict, config: Any) -> DatagramCodec:
 
 class ShadowsocksDatagramUpstream:
     """A local's datagrams to the remote: a connected UDP socket, so only the remote's packets
-    come back on it."""
+    come back on it. Packets leave in batches (relay.gso): a burst from the client goes to the
+    remote in a few system calls."""
 
     on_answer = None
 
@@ -396,9 +398,12 @@ class ShadowsocksDatagramUpstream:
         self.codec = codec
         self.sock = udp_socket(family)
         self.sock.connect(sockaddr)
+        self.batch = DatagramBatch(self.sock)
+        self._add = self.batch.add
+        self._encode = codec.encode
 
     def send(self, target: Address, payload: bytes) -> None:
-        self.sock.send(self.codec.encode(target, payload))
+        self._add(self._encode(target, payload))
 
     def receive(self) -> tuple[Address, bytes]:
         return self.codec.decode(self.sock.recv(MAX_DATAGRAM))

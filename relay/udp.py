@@ -15,6 +15,11 @@ Datagram flow, for one client address (one association, one Session)::
 The reader thread waits on every upstream socket with one selector and expires idle associations.
 Malformed packets, wrong keys, forbidden targets: dropped and counted in ``server.stats``; the
 relay keeps serving.
+
+Bursts travel in batches (relay.gso): on Linux the server's socket hands over a burst from one
+sender whole (GRO), and an upstream with a ``batch`` holds what it sends until the server's
+thread has read every datagram queued, then sends each run of like datagrams with one system
+call (GSO). Every datagram on the wire stays a datagram of its own.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .address import Address
 from .associations import AssociationTable
 from .config import Config
 from .errors import ProtocolError, RelayError, TargetRefused
+from .gso import GRO_CONTROL_SPACE, DatagramBatch, enable_gro, segments
 from .policy import EgressPolicy
 from .net import forbidden, set_receive_timeout
 from .server import ListeningAddress
@@ -58,12 +64,17 @@ SWEEP_INTERVAL = 1.0
 BATCH = 64  # answers read from one upstream socket per wake-up, at most
 _CHECKED_TARGETS = 256  # per association: targets that already passed relay_target_chosen
 _RESOLVE_TTL = 30.0
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class DatagramUpstream(Protocol):
     """Where an association's datagrams go. ``sock`` (or None) is read by the reader thread,
     which calls ``receive`` when it is readable; an upstream without a socket answers through
-    ``on_answer(source, payload)``, which the server sets."""
+    ``on_answer(source, payload)``, which the server sets.
+
+    An upstream may also have a ``batch`` (relay.gso.DatagramBatch) that ``send`` puts its
+    packets in: the server then flushes it once the burst it is reading is over, and counts
+    what the flush could not send. Without one, ``send`` sends at once and raises OSError."""
 
     sock: socket.socket | None
     on_answer: Callable[[Address, bytes], None] | None
@@ -120,9 +131,11 @@ class DirectDatagramUpstream:
             self.sock = udp_socket(socket.AF_INET)
             self._dual = False
         self.sock.bind(("::" if self._dual else "0.0.0.0", 0))
+        self.batch = DatagramBatch(self.sock)
+        self._add = self.batch.add
 
     def send(self, target: Address, payload: bytes) -> None:
-        self.sock.sendto(payload, self._resolve(target))
+        self._add(payload, self._resolve(target))
 
     def receive(self) -> tuple[Address, bytes] | None:
         data, sockaddr = self.sock.recvfrom(MAX_DATAGRAM)
@@ -278,6 +291,8 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         self._shutdown_asked = False
         self._served = threading.Event()  # serve_forever is not running
         self._receive: Callable[[bytes, Any], None] | None = None
+        self._loop_thread: int | None = None  # the thread in serve_forever's own loop, if any
+        self._unflushed: list[DatagramBatch] = []  # batches that loop flushes before it waits
         self._served.set()
         self._wake_reader, self._waker = socket.socketpair()  # server_close wakes the reader at once
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
@@ -292,36 +307,64 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """socketserver's loop, without its select for relay's inline handlers: a blocking
-        recvfrom takes each datagram in one system call, where select, recvfrom and a final
-        EAGAIN took up to three (and the selector's Python more). SO_RCVTIMEO, set to
-        ``poll_interval``, lets the loop see a shutdown request."""
-        if not getattr(self.RequestHandlerClass, "inline", False):
+        recvmsg takes each datagram (or, with GRO, each burst from one sender) in one system
+        call, where select, recvfrom and a final EAGAIN took up to three (and the selector's
+        Python more). SO_RCVTIMEO, set to ``poll_interval``, lets the loop see a shutdown request.
+
+        While batches wait to be flushed, the loop reads without waiting; when nothing is
+        left to read, it flushes them and only then waits."""
+        if not self._own_loop:
             super().serve_forever(poll_interval)
             return
+        sock = self.socket
         self._served.clear()  # before the flag is read: a shutdown() from now on waits for us
         try:
             if self._shutdown_asked:
                 return  # shut down before it started: the socket may be closed already
-            sock = self.socket
             set_receive_timeout(sock, poll_interval)
+            space = GRO_CONTROL_SPACE if enable_gro(sock) else 0
             size = self.max_packet_size
             receive = self._receiver()
+            recvmsg = sock.recvmsg
+            unflushed = self._unflushed
+            self._loop_thread = threading.get_ident()
             while not self._shutdown_asked:
                 try:
-                    data, client_address = sock.recvfrom(size)
+                    data, ancillary, _, client_address = recvmsg(size, space, _DONTWAIT if unflushed else 0)
                 except (BlockingIOError, InterruptedError):
-                    continue  # the receive timeout: look at the shutdown flag again
+                    if unflushed:
+                        self._flush()  # the burst is over: send what it made
+                    continue  # else the receive timeout: look at the shutdown flag again
                 except OSError:
                     if self._shutdown_asked or sock.fileno() == -1:
                         return
                     continue  # an ICMP error queued on the socket: reported once, and gone
-                try:
-                    receive(data, client_address)
-                except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
-                    self.handle_error((data, sock), client_address)
+                for datagram in segments(data, ancillary) if ancillary else (data,):
+                    try:
+                        receive(datagram, client_address)
+                    except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
+                        self.handle_error((datagram, sock), client_address)
         finally:
+            self._loop_thread = None
+            self._flush()
             self._shutdown_asked = False  # as socketserver's own loop: it may serve again
             self._served.set()
+
+    def _queued(self, batch: DatagramBatch) -> None:
+        """A batch has packets to send: flushed by serve_forever's loop once the burst it is
+        reading is over, or at once when the packets came from any other thread."""
+        if threading.get_ident() == self._loop_thread:
+            self._unflushed.append(batch)
+        else:
+            batch.flush()
+
+    def _flush(self) -> None:
+        unflushed = self._unflushed
+        while unflushed:
+            try:
+                unflushed.pop().flush()
+            except Exception:  # noqa: BLE001 - its errors are the batch's on_error's; this is a bug
+                log.exception("datagram batch: flush failed")
 
     def _receiver(self) -> Callable[[bytes, Any], None]:
         """The inline handler's per-datagram function (``DatagramHandler.receiver``), built on
@@ -340,8 +383,13 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             self._receive = receive
         return receive
 
+    @property
+    def _own_loop(self) -> bool:
+        """Whether serve_forever runs its own loop (inline handlers, where recvmsg exists)."""
+        return getattr(self.RequestHandlerClass, "inline", False) and hasattr(self.socket, "recvmsg")
+
     def shutdown(self) -> None:
-        if not getattr(self.RequestHandlerClass, "inline", False):
+        if not self._own_loop:
             super().shutdown()
             return
         self._shutdown_asked = True
@@ -406,6 +454,10 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             return None
         association = Association(key, session, upstream, reply, on_close=on_close)
         upstream.on_answer = lambda source, payload: self._answer(association, source, payload)
+        batch = getattr(upstream, "batch", None)
+        if batch is not None:
+            batch.on_queued = self._queued
+            batch.on_error = lambda error, count: self._send_failed(association, error, count)
         if upstream.sock is not None:
             upstream.sock.setblocking(False)  # drained until EAGAIN; a full send buffer drops, as UDP may
             self._selector.register(upstream.sock, selectors.EVENT_READ, association)
@@ -416,6 +468,9 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         return association
 
     def forward(self, association: Association, target: Address, payload: bytes) -> None:
+        """Send ``payload`` to ``target`` by the association's upstream. An upstream with a
+        batch may hold it until the burst being read is over: pass bytes, or a view of memory
+        left alone until then."""
         session = association.session
         try:
             if target not in association.checked:
@@ -431,21 +486,25 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             log.warning("%s: datagram to %s dropped: %s", session, target, e)
             return
         except OSError as e:
-            if e.errno == errno.EMSGSIZE:
-                self.stats["too large"] += 1
-                log.warning("%s: datagram of %d bytes to %s dropped: too large to send", session, len(payload), target)
-                return
-            self.drop("send failed", association.key, e)
+            self._send_failed(association, e, 1)
             return
         session.bytes_up += len(payload)
+
+    def _send_failed(self, association: Association, error: OSError, count: int) -> None:
+        """``count`` datagrams of ``association`` that its upstream could not send."""
+        if error.errno == errno.EMSGSIZE:
+            self.stats["too large"] += count
+            log.warning("%s: %d datagram(s) dropped: too large to send", association.session, count)
+        else:
+            self.drop("send failed", association.key, error, count)
 
     def close_association(self, key: Any) -> None:
         association = self.associations.pop(key)
         if association is not None:
             self._close(association, None)
 
-    def drop(self, reason: str, client_address: Any, error: BaseException | None = None) -> None:
-        self.stats[reason] += 1
+    def drop(self, reason: str, client_address: Any, error: BaseException | None = None, count: int = 1) -> None:
+        self.stats[reason] += count
         if log.isEnabledFor(logging.DEBUG):
             log.debug("datagram from %s dropped: %s%s", _peer(client_address), reason, f": {error}" if error else "")
 

@@ -32,7 +32,9 @@ import contextlib
 import hashlib
 import os
 import socket
+import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +43,7 @@ import pytest
 from conftest import METHODS, find_binary
 
 from relay import Address
+from relay.gso import DatagramBatch
 from relay.plugin_manager import RelayPluginManager
 from relay.server import RelayServer
 from relay.testing import (
@@ -171,17 +174,7 @@ def udp_round_trips(
     probe coming back afterwards is skipped. Every other datagram must come back at the first
     try: on loopback, with one datagram in flight, nothing is lost.
     """
-    probe = b"probe " + method.encode()
-    for _ in range(UDP_ATTEMPTS):
-        send(probe)
-        try:
-            answer = receive()
-        except TimeoutError:
-            continue
-        assert answer[0] == probe, f"the probe came back as {len(answer[0])} other bytes"
-        break
-    else:
-        pytest.fail(f"no answer to the first datagram after {UDP_ATTEMPTS} tries of {UDP_TIMEOUT} s each")
+    probe = udp_probe(send, receive, method)
     payloads = [b"hello over udp, " + method.encode(), b"x", os.urandom(1400), os.urandom(8000), os.urandom(512)]
     for payload in payloads:
         send(payload)
@@ -198,6 +191,49 @@ def udp_round_trips(
         assert data == payload, f"the {len(payload)}-byte datagram came back changed"
         if source is not None:
             assert came_from == source, f"the answer's SOCKS5 header names {came_from}, not the echo server {source}"
+
+
+def udp_probe(send: Callable[[bytes], None], receive: Callable[[], tuple[bytes, Address | None]], method: str) -> bytes:
+    """Send a probe until it comes back (libev may still be binding its UDP socket, see
+    udp_round_trips); return it, since late copies of it may still come."""
+    probe = b"probe " + method.encode()
+    for _ in range(UDP_ATTEMPTS):
+        send(probe)
+        try:
+            answer = receive()
+        except TimeoutError:
+            continue
+        assert answer[0] == probe, f"the probe came back as {len(answer[0])} other bytes"
+        return probe
+    pytest.fail(f"no answer to the first datagram after {UDP_ATTEMPTS} tries of {UDP_TIMEOUT} s each")
+
+
+BURST = [struct.pack("!I", i) + os.urandom(1196) for i in range(48)] + [b"the short last one"]
+
+
+def udp_burst(sock: socket.socket, method: str) -> DatagramBatch:
+    """On a socket connected to a tunnel's port: after a probe, send BURST in one GSO system call
+    where the kernel can (so that the tunnel's server reads it in one piece), and expect every
+    datagram of it back. Returns the client's batch."""
+    udp_probe(sock.send, lambda: (sock.recv(65535), None), method)
+    batch = DatagramBatch(sock)
+    batch.on_queued = lambda batch: None
+    for packet in BURST:
+        batch.add(packet)
+    batch.flush()
+    back = []
+    for _ in range(len(BURST) + UDP_ATTEMPTS):  # late copies of the probe are skipped
+        try:
+            data = sock.recv(65535)
+        except TimeoutError:
+            break
+        if not data.startswith(b"probe "):
+            back.append(data)
+        if len(back) == len(BURST):
+            break
+    assert len(back) == len(BURST), f"{len(BURST) - len(back)} of {len(BURST)} datagrams of the burst did not come back"
+    assert sorted(back) == sorted(BURST), "datagrams of the burst came back changed"
+    return batch
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -344,6 +380,44 @@ def test_udp_ss_local_to_relay_remote(method: str, relay_remote_udp: RelayServer
         Socks5UDPClient(Address("127.0.0.1", socks_port), timeout=UDP_TIMEOUT) as client,
     ):
         udp_round_trips(lambda payload: client.sendto(payload, echo_udp), client.recvfrom, method, source=echo_udp)
+    assert relay_remote_udp.udp_server is not None
+    assert not relay_remote_udp.udp_server.stats, (
+        f"relay's remote dropped datagrams: {dict(relay_remote_udp.udp_server.stats)}"
+    )
+
+
+def test_udp_burst_relay_local_to_ss_server(pm: RelayPluginManager, method: str, echo_udp: Address) -> None:
+    """relay's local sends a client's burst on to ss-server in a few GSO system calls; the kernel
+    cuts them into the datagrams ss-server reads one by one, and every one comes back."""
+    ss_server = find_binary("ss-server", "shadowsocks-libev")
+    port = free_port()
+    with libev(ss_server, *libev_args(port, method), "-u", port=port):
+        config = make_config(
+            "local", pm, method=method, password=PASSWORD, server=f"127.0.0.1:{port}", mode="udp_only",
+            protocol="tunnel", forward=str(echo_udp),
+        )
+        with start_relay(config, pm) as local, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.settimeout(UDP_TIMEOUT)
+            sock.connect(tuple(local.address))
+            udp_burst(sock, method)
+            upstream = local.associations.peek(sock.getsockname()).upstream
+            assert not local.stats, f"relay's local dropped datagrams: {dict(local.stats)}"
+    if sys.platform.startswith("linux"):
+        assert upstream.batch.calls < upstream.batch.sent / 4, "the burst went to ss-server one datagram per call"
+
+
+def test_udp_burst_ss_tunnel_to_relay_remote(method: str, relay_remote_udp: RelayServer, echo_udp: Address) -> None:
+    """ss-tunnel's burst of datagrams (one system call each) through relay's remote, which sends
+    them on to the target in batches: every one comes back."""
+    ss_tunnel = find_binary("ss-tunnel", "shadowsocks-libev")
+    tunnel_port = free_port()
+    args = [*libev_args(relay_remote_udp.address.port, method, tunnel_port), "-L", str(echo_udp), "-u"]
+    with libev(ss_tunnel, *args, port=tunnel_port), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.settimeout(UDP_TIMEOUT)
+        sock.connect(("127.0.0.1", tunnel_port))
+        udp_burst(sock, method)
     assert relay_remote_udp.udp_server is not None
     assert not relay_remote_udp.udp_server.stats, (
         f"relay's remote dropped datagrams: {dict(relay_remote_udp.udp_server.stats)}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 
@@ -13,6 +15,7 @@ import pytest
 
 from conftest import relay_pair
 from relay import Address, hookimpl
+from relay.gso import DatagramBatch
 from relay.plugin_manager import get_plugin_manager
 from relay.testing import Socks5UDPClient, make_config, socks5_connect, start_relay, udp_echo_server, wait_until
 
@@ -378,3 +381,29 @@ def test_association_table_refreshes_use_at_a_coarse_grain():
     now[0] = added_d + 10
     assert [key for key, _ in table.expire()] == ["d"]
     assert table.get("b") == 2 and table.get("missing") is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="UDP GSO and GRO are Linux's")
+@pytest.mark.parametrize("method", ["aes-256-gcm", "2022-blake3-aes-128-gcm"])
+def test_a_burst_crosses_the_tunnel_in_few_system_calls_and_arrives_datagram_by_datagram(pm, echo_udp, method):
+    """A client sending with GSO hands the local its burst in one piece (GRO); the local relays
+    every datagram in it and sends them on to the remote as one run; the echo sees, and answers,
+    each datagram on its own, and the answers come back in order."""
+    password = "test password" if method == "aes-256-gcm" else base64.b64encode(os.urandom(16)).decode()
+    packets = [struct.pack("!I", i) + os.urandom(996) for i in range(40)] + [b"tail"]
+    with udp_pair(pm, method=method, password=password, local={"protocol": "tunnel", "forward": echo_udp}) as (local, remote):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.settimeout(5)
+            sock.connect(tuple(local.udp_server.address))
+            batch = DatagramBatch(sock)
+            batch.on_queued = lambda batch: None
+            for packet in packets:
+                batch.add(packet)
+            batch.flush()
+            assert batch.calls == 1
+            assert [sock.recv(2000) for _ in packets] == packets
+            upstream = local.udp_server.associations.peek(sock.getsockname()).upstream
+    assert upstream.batch.sent == len(packets)
+    assert upstream.batch.calls < len(packets) / 4
+    assert not local.udp_server.stats and not remote.udp_server.stats
