@@ -59,7 +59,7 @@ from relay.aead import Aead2017Cipher
 from relay.aead2022 import CIPHERS as CIPHERS_2022
 from relay.aead2022 import PskChain, ReplayError, SaltStore
 from relay.codec import DatagramCodec
-from relay.gso import DatagramBatch
+from relay.gso import GRO_CONTROL_SPACE, DatagramBatch, enable_gro, segments
 from relay.net import connect_tcp, start_connect
 from relay.replay import SaltFilter
 from relay.udp import MAX_DATAGRAM, DatagramHandler, RelayUDPServer, udp_socket
@@ -298,7 +298,7 @@ class ShadowsocksDatagramHandler(DatagramHandler):
         salts = guard.filter("udp") if salt_size else None
         is_new = salts.add_if_new if salts is not None else None
         remember = salts.add if salts is not None else None
-        sock = server.socket
+        send_answer = server.send_answer
         find, associate, forward, drop = server.associations.get, server.associate, server.forward, server.drop
 
         def receive(data: bytes, client: Any) -> None:
@@ -318,7 +318,7 @@ class ShadowsocksDatagramHandler(DatagramHandler):
                     packet = encode(source, answer)
                     if remember is not None:
                         remember(packet[:salt_size])  # an answer sent back at this remote is refused like a replay
-                    sock.sendto(packet, client)
+                    send_answer(packet, client)
 
                 association = associate(client, reply)
                 if association is None:
@@ -333,7 +333,7 @@ def _receiver_2022(server: RelayUDPServer) -> Callable[[bytes, Any], None]:
     (not the address, which a NAT may change), and answers go where it last spoke from."""
     sessions = _udp_sessions(server)
     guard = replay_guard(server.config)
-    sock = server.socket
+    send_answer = server.send_answer
     find, associate, forward, drop = server.associations.get, server.associate, server.forward, server.drop
 
     def receive(data: bytes, client: Any) -> None:
@@ -351,7 +351,7 @@ def _receiver_2022(server: RelayUDPServer) -> Callable[[bytes, Any], None]:
         if association is None:
 
             def reply(source: Address, answer: bytes) -> None:
-                sock.sendto(session.encode(source, answer), session.client_address)
+                send_answer(session.encode(source, answer), session.client_address)
 
             association = associate(client, reply, key=session_id, on_close=lambda: sessions.remove(session_id))
             if association is None:
@@ -401,12 +401,24 @@ class ShadowsocksDatagramUpstream:
         self.batch = DatagramBatch(self.sock)
         self._add = self.batch.add
         self._encode = codec.encode
+        self._space = GRO_CONTROL_SPACE if enable_gro(self.sock) else 0
 
     def send(self, target: Address, payload: bytes) -> None:
         self._add(self._encode(target, payload))
 
-    def receive(self) -> tuple[Address, bytes]:
-        return self.codec.decode(self.sock.recv(MAX_DATAGRAM))
+    def receive(self) -> tuple[Address, bytes] | list[tuple[Address, bytes] | ProtocolError]:
+        if not self._space:  # no GRO here (nor, maybe, recvmsg)
+            return self.codec.decode(self.sock.recv(MAX_DATAGRAM))
+        data, ancillary, _, _ = self.sock.recvmsg(MAX_DATAGRAM, self._space)
+        if not ancillary:
+            return self.codec.decode(data)
+        answers: list[tuple[Address, bytes] | ProtocolError] = []
+        for packet in segments(data, ancillary):  # the remote's burst, read whole
+            try:
+                answers.append(self.codec.decode(packet))
+            except ProtocolError as e:
+                answers.append(e)
+        return answers
 
     def close(self) -> None:
         self.sock.close()

@@ -230,7 +230,7 @@ class Socks5DatagramHandler(DatagramHandler):
     @classmethod
     def receiver(cls, server: RelayUDPServer) -> Callable[[bytes, Any], None]:
         allows = permits_of(server).allows
-        sock = server.socket
+        send_answer = server.send_answer
         find, associate, forward, drop = server.associations.get, server.associate, server.forward, server.drop
 
         def receive(data: bytes, client: Any) -> None:
@@ -243,7 +243,7 @@ class Socks5DatagramHandler(DatagramHandler):
                 return
             association = find(client)
             if association is None:
-                association = associate(client, lambda source, payload: sock.sendto(build_datagram(source, payload), client))
+                association = associate(client, lambda source, payload: send_answer(build_datagram(source, payload), client))
                 if association is None:
                     return
             forward(association, datagram.address, datagram.payload)

@@ -25,13 +25,13 @@ class TunnelDatagramHandler(DatagramHandler):
     @classmethod
     def receiver(cls, server: RelayUDPServer) -> Callable[[bytes, Any], None]:
         target = server.config.forward
-        sock = server.socket
+        send_answer = server.send_answer
         find, associate, forward = server.associations.get, server.associate, server.forward
 
         def receive(data: bytes, client: Any) -> None:
             association = find(client)
             if association is None:
-                association = associate(client, lambda source, payload: sock.sendto(payload, client))
+                association = associate(client, lambda source, payload: send_answer(payload, client))
                 if association is None:
                     return
             forward(association, target, data)

@@ -74,7 +74,10 @@ class DatagramUpstream(Protocol):
 
     An upstream may also have a ``batch`` (relay.gso.DatagramBatch) that ``send`` puts its
     packets in: the server then flushes it once the burst it is reading is over, and counts
-    what the flush could not send. Without one, ``send`` sends at once and raises OSError."""
+    what the flush could not send. Without one, ``send`` sends at once and raises OSError.
+
+    ``receive`` may return a list for a burst read in one piece (GRO): an answer, or the
+    ProtocolError that one datagram of it raised, per datagram."""
 
     sock: socket.socket | None
     on_answer: Callable[[Address, bytes], None] | None
@@ -131,15 +134,22 @@ class DirectDatagramUpstream:
             self.sock = udp_socket(socket.AF_INET)
             self._dual = False
         self.sock.bind(("::" if self._dual else "0.0.0.0", 0))
+        self._space = GRO_CONTROL_SPACE if enable_gro(self.sock) else 0
         self.batch = DatagramBatch(self.sock)
         self._add = self.batch.add
 
     def send(self, target: Address, payload: bytes) -> None:
         self._add(payload, self._resolve(target))
 
-    def receive(self) -> tuple[Address, bytes] | None:
-        data, sockaddr = self.sock.recvfrom(MAX_DATAGRAM)
-        return Address(_host(sockaddr), sockaddr[1]), data
+    def receive(self) -> tuple[Address, bytes] | list[tuple[Address, bytes]]:
+        if not self._space:  # no GRO here (nor, maybe, recvmsg)
+            data, sockaddr = self.sock.recvfrom(MAX_DATAGRAM)
+            return Address(_host(sockaddr), sockaddr[1]), data
+        data, ancillary, _, sockaddr = self.sock.recvmsg(MAX_DATAGRAM, self._space)
+        source = Address(_host(sockaddr), sockaddr[1])
+        if ancillary:
+            return [(source, datagram) for datagram in segments(data, ancillary)]
+        return source, data
 
     def close(self) -> None:
         self.sock.close()
@@ -238,7 +248,9 @@ class DatagramHandler(socketserver.BaseRequestHandler):
         that instance and the per-server state each ``handle`` looks up again (codecs, the
         association table) are a good part of the cost: a front-end can return a closure that
         holds them instead, using ``server.associations.get``, ``server.associate``,
-        ``server.forward`` and ``server.drop`` as the helpers above do."""
+        ``server.forward`` and ``server.drop`` as the helpers above do, and
+        ``server.send_answer`` in its ``reply`` functions, so that a burst of answers leaves in
+        a few system calls."""
         sock = server.socket
 
         def receive(data: bytes, client_address: Any) -> None:
@@ -261,8 +273,10 @@ class DatagramHandler(socketserver.BaseRequestHandler):
 class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver.UDPServer):
     """One UDP socket of a relay and its association table.
 
-    Methods for the caller: socketserver's, and ``close_sessions()``. ``stats`` counts what
-    was dropped and why. ``data`` is free for plugins to keep per-server state in.
+    Methods for the caller: socketserver's, ``close_sessions()``, and ``send_answer`` for
+    front-ends' replies. ``stats`` counts what was dropped and why; ``answer_batch`` is where
+    the reader thread's answers wait for the end of its round (its ``sent`` and ``calls``
+    count them). ``data`` is free for plugins to keep per-server state in.
     """
 
     daemon_threads = True
@@ -296,6 +310,11 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         self._served.set()
         self._wake_reader, self._waker = socket.socketpair()  # server_close wakes the reader at once
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        # Answers the reader thread sends to clients wait for the end of its round (send_answer).
+        self.answer_batch = DatagramBatch(self.socket)
+        self.answer_batch.on_queued = _flushed_by_the_reader
+        self.answer_batch.on_error = lambda error, count: self.drop("reply failed", None, error, count)
+        self._reader_thread: int | None = None  # set by the reader thread itself, first thing
         self._reader = threading.Thread(target=self._read_answers, name=f"udp-answers-{self.address}", daemon=True)
         self._reader.start()
 
@@ -508,6 +527,15 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         if log.isEnabledFor(logging.DEBUG):
             log.debug("datagram from %s dropped: %s%s", _peer(client_address), reason, f": {error}" if error else "")
 
+    def send_answer(self, packet: bytes, client_address: Any) -> None:
+        """Send ``packet`` to a client from this server's socket: what front-ends' ``reply``
+        functions use. Answers from upstream sockets go out in batches, once the reader
+        thread's round of them is over; from any other thread, at once (raising OSError)."""
+        if threading.get_ident() == self._reader_thread:
+            self.answer_batch.add(packet, client_address)
+        else:
+            self.socket.sendto(packet, client_address)
+
     def _answer(self, association: Association, source: Address, payload: bytes) -> None:
         try:
             association.reply(source, payload)
@@ -517,6 +545,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         association.session.bytes_down += len(payload)
 
     def _read_answers(self) -> None:
+        self._reader_thread = threading.get_ident()
         next_sweep = time.monotonic() + SWEEP_INTERVAL
         while not self._stopping.is_set():
             try:
@@ -543,9 +572,16 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                         if association.upstream.sock is not None and association.upstream.sock.fileno() != -1:
                             self.drop("answer error", association.key, e)
                         break
-                    if answer is not None:
+                    if type(answer) is list:  # a burst read whole
+                        for one in answer:
+                            if isinstance(one, ProtocolError):
+                                self.drop("bad answer", association.key, one)
+                            else:
+                                self._answer(association, *one)
+                    elif answer is not None:
                         self._answer(association, *answer)
                 self.associations.touch(association.key)
+            self.answer_batch.flush()  # the round's answers, in a few system calls
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
                 for _, association in self.associations.expire():
@@ -587,6 +623,10 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         self._waker.close()
         self._wake_reader.close()
         super().server_close()
+
+
+def _flushed_by_the_reader(batch: DatagramBatch) -> None:
+    """The reader thread flushes its batch of answers at the end of every round."""
 
 
 def _peer(address: Any) -> str:

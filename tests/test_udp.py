@@ -407,3 +407,45 @@ def test_a_burst_crosses_the_tunnel_in_few_system_calls_and_arrives_datagram_by_
     assert upstream.batch.sent == len(packets)
     assert upstream.batch.calls < len(packets) / 4
     assert not local.udp_server.stats and not remote.udp_server.stats
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="UDP GSO and GRO are Linux's")
+def test_a_burst_of_answers_crosses_back_in_few_system_calls(pm):
+    """A target that answers a burst with a burst (as a QUIC server sending with GSO does): the
+    remote reads it whole, sends the encrypted answers to the local as runs, the local reads
+    those whole and hands the client its answers in a few calls too, each datagram in order."""
+    count = 40
+    answers = [struct.pack("!I", i) + os.urandom(1100) for i in range(count)] + [b"last"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as target:
+        target.bind(("127.0.0.1", 0))
+        target.settimeout(5)
+
+        def answer_in_one_go():
+            asked = []
+            for _ in range(count):
+                try:
+                    asked.append(target.recvfrom(2000))
+                except TimeoutError:
+                    return
+            batch = DatagramBatch(target)
+            batch.on_queued = lambda batch: None
+            for packet in answers:
+                batch.add(packet, asked[0][1])
+            batch.flush()
+
+        server = threading.Thread(target=answer_in_one_go, daemon=True)
+        server.start()
+        forward = Address("127.0.0.1", target.getsockname()[1])
+        with udp_pair(pm, local={"protocol": "tunnel", "forward": forward}) as (local, remote):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+                sock.settimeout(5)
+                sock.connect(tuple(local.udp_server.address))
+                for i in range(count):
+                    sock.send(struct.pack("!I", i))
+                assert [sock.recv(2000) for _ in answers] == answers
+            server.join(5)
+            for relay in (remote, local):
+                replies = relay.udp_server.answer_batch
+                assert replies.sent == len(answers) and replies.calls <= 3, (relay.udp_server.config.role, replies.calls)
+                assert not relay.udp_server.stats
