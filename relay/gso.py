@@ -67,9 +67,9 @@ class DatagramBatch:
     """Packets waiting to leave by one socket, sent together by ``flush``.
 
     ``add(packet, address)`` holds a packet (``address`` None on a connected socket). Who
-    flushes is the owner's business: with ``on_queued`` unset, ``add`` sends at once; set, it
-    is called with the batch whenever the batch stops being empty, and the owner promises a
-    ``flush`` soon (relay's UDP server: before its thread next waits for datagrams). A batch
+    flushes is the owner's business: whenever the batch stops being empty, ``on_queued(batch)``
+    is asked whether the owner will ``flush`` it soon (relay's UDP server: at the end of the
+    burst it is reading); if not, or with ``on_queued`` unset, ``add`` sends at once. A batch
     of ``MAX_SEGMENTS`` packets flushes itself.
 
     ``flush`` sends everything held. What a send refuses goes to ``on_error(error, packets)``
@@ -80,7 +80,7 @@ class DatagramBatch:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.on_queued: Callable[[DatagramBatch], None] | None = None
+        self.on_queued: Callable[[DatagramBatch], bool] | None = None
         self.on_error: Callable[[OSError, int], None] | None = None
         self.gso = _LINUX
         self.sent = 0
@@ -97,10 +97,9 @@ class DatagramBatch:
         self._addresses.append(address)
         held = len(packets)
         if held == 1:
-            if self.on_queued is None:
+            on_queued = self.on_queued
+            if on_queued is None or not on_queued(self):
                 self.flush()
-            else:
-                self.on_queued(self)
         elif held >= MAX_SEGMENTS:
             self.flush()
 
@@ -110,6 +109,9 @@ class DatagramBatch:
             return
         self._packets, self._addresses = [], []
         count = len(packets)
+        if count == 1:  # a quiet moment's lone datagram
+            self._send(packets, 0, 1, 0, addresses[0])
+            return
         start = 0
         while start < count:
             # The run from `start`: one address, one size, the last one possibly shorter.

@@ -306,13 +306,15 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         self._served = threading.Event()  # serve_forever is not running
         self._receive: Callable[[bytes, Any], None] | None = None
         self._loop_thread: int | None = None  # the thread in serve_forever's own loop, if any
-        self._unflushed: list[DatagramBatch] = []  # batches that loop flushes before it waits
+        self._holding = False  # that loop is inside a burst: batches wait for its end
+        self._unflushed: list[DatagramBatch] = []  # batches that loop flushes at a burst's end
         self._served.set()
         self._wake_reader, self._waker = socket.socketpair()  # server_close wakes the reader at once
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         # Answers the reader thread sends to clients wait for the end of its round (send_answer).
         self.answer_batch = DatagramBatch(self.socket)
         self.answer_batch.on_queued = _flushed_by_the_reader
+        self._answers_held = False  # the reader thread is past a round's first answer
         self.answer_batch.on_error = lambda error, count: self.drop("reply failed", None, error, count)
         self._reader_thread: int | None = None  # set by the reader thread itself, first thing
         self._reader = threading.Thread(target=self._read_answers, name=f"udp-answers-{self.address}", daemon=True)
@@ -330,8 +332,10 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         call, where select, recvfrom and a final EAGAIN took up to three (and the selector's
         Python more). SO_RCVTIMEO, set to ``poll_interval``, lets the loop see a shutdown request.
 
-        While batches wait to be flushed, the loop reads without waiting; when nothing is
-        left to read, it flushes them and only then waits."""
+        Bursts travel in batches, lone datagrams at once: what a datagram that had to be waited
+        for makes is sent at once; what datagrams already queued behind it make (and a GRO
+        burst) waits in batches until a read without waiting finds nothing more. Then the
+        loop flushes them, and only then waits."""
         if not self._own_loop:
             super().serve_forever(poll_interval)
             return
@@ -347,35 +351,48 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             recvmsg = sock.recvmsg
             unflushed = self._unflushed
             self._loop_thread = threading.get_ident()
+            wait = True  # whether the next read may wait: not right after a datagram
             while not self._shutdown_asked:
                 try:
-                    data, ancillary, _, client_address = recvmsg(size, space, _DONTWAIT if unflushed else 0)
+                    data, ancillary, _, client_address = recvmsg(size, space, 0 if wait else _DONTWAIT)
                 except (BlockingIOError, InterruptedError):
+                    # Nothing more queued (or the receive timeout): a burst is over.
+                    self._holding = False
                     if unflushed:
-                        self._flush()  # the burst is over: send what it made
-                    continue  # else the receive timeout: look at the shutdown flag again
+                        self._flush()
+                    wait = True
+                    continue
                 except OSError:
                     if self._shutdown_asked or sock.fileno() == -1:
                         return
                     continue  # an ICMP error queued on the socket: reported once, and gone
-                for datagram in segments(data, ancillary) if ancillary else (data,):
-                    try:
-                        receive(datagram, client_address)
-                    except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
-                        self.handle_error((datagram, sock), client_address)
+                self._holding = not wait or bool(ancillary)
+                wait = False
+                if ancillary:
+                    for datagram in segments(data, ancillary):
+                        try:
+                            receive(datagram, client_address)
+                        except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
+                            self.handle_error((datagram, sock), client_address)
+                    continue
+                try:
+                    receive(data, client_address)
+                except Exception:  # noqa: BLE001 - one datagram's failure drops that datagram
+                    self.handle_error((data, sock), client_address)
         finally:
             self._loop_thread = None
+            self._holding = False
             self._flush()
             self._shutdown_asked = False  # as socketserver's own loop: it may serve again
             self._served.set()
 
-    def _queued(self, batch: DatagramBatch) -> None:
-        """A batch has packets to send: flushed by serve_forever's loop once the burst it is
-        reading is over, or at once when the packets came from any other thread."""
-        if threading.get_ident() == self._loop_thread:
+    def _queued(self, batch: DatagramBatch) -> bool:
+        """A batch has packets to send: serve_forever's loop flushes it once the burst it is
+        reading is over (True); outside a burst, or from any other thread, it goes at once."""
+        if self._holding and threading.get_ident() == self._loop_thread:
             self._unflushed.append(batch)
-        else:
-            batch.flush()
+            return True
+        return False
 
     def _flush(self) -> None:
         unflushed = self._unflushed
@@ -530,8 +547,9 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
     def send_answer(self, packet: bytes, client_address: Any) -> None:
         """Send ``packet`` to a client from this server's socket: what front-ends' ``reply``
         functions use. Answers from upstream sockets go out in batches, once the reader
-        thread's round of them is over; from any other thread, at once (raising OSError)."""
-        if threading.get_ident() == self._reader_thread:
+        thread's round of them is over (all but the first); from any other thread, at once
+        (raising OSError)."""
+        if self._answers_held and threading.get_ident() == self._reader_thread:
             self.answer_batch.add(packet, client_address)
         else:
             self.socket.sendto(packet, client_address)
@@ -573,6 +591,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                             self.drop("answer error", association.key, e)
                         break
                     if type(answer) is list:  # a burst read whole
+                        self._answers_held = True
                         for one in answer:
                             if isinstance(one, ProtocolError):
                                 self.drop("bad answer", association.key, one)
@@ -580,7 +599,9 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                                 self._answer(association, *one)
                     elif answer is not None:
                         self._answer(association, *answer)
+                    self._answers_held = True  # the first answer went at once; the rest wait
                 self.associations.touch(association.key)
+            self._answers_held = False
             self.answer_batch.flush()  # the round's answers, in a few system calls
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
@@ -625,8 +646,9 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         super().server_close()
 
 
-def _flushed_by_the_reader(batch: DatagramBatch) -> None:
+def _flushed_by_the_reader(batch: DatagramBatch) -> bool:
     """The reader thread flushes its batch of answers at the end of every round."""
+    return True
 
 
 def _peer(address: Any) -> str:

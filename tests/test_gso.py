@@ -39,7 +39,7 @@ def sender(receiver):
 def held(sock: socket.socket) -> DatagramBatch:
     """A batch whose owner flushes it by hand (the UDP server's way)."""
     batch = DatagramBatch(sock)
-    batch.on_queued = lambda batch: None
+    batch.on_queued = lambda batch: True  # flushed by hand
     return batch
 
 
@@ -89,13 +89,17 @@ def test_without_an_owner_a_batch_sends_at_once(sender, receiver):
     batch.add(b"now")
     assert len(batch) == 0
     assert receiver.recv(100) == b"now"
+    batch.on_queued = lambda batch: False  # an owner that will not flush this one: at once too
+    batch.add(b"also now")
+    assert len(batch) == 0
+    assert receiver.recv(100) == b"also now"
 
 
 def test_a_full_batch_sends_itself(sender, receiver):
     enable_gro(receiver)
     queued = []
     batch = DatagramBatch(sender)
-    batch.on_queued = queued.append
+    batch.on_queued = lambda batch: queued.append(batch) or True
     packets = [struct.pack("!I", i) * 100 for i in range(MAX_SEGMENTS + 3)]
     for packet in packets:
         batch.add(packet)
