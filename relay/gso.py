@@ -13,7 +13,8 @@ Receiving: with ``UDP_GRO`` on, one ``recvmsg`` may return several datagrams of 
 glued together, and a control message with the size of each; ``segments`` cuts them apart.
 
 Where the kernel or the route refuses GSO (no Linux, a kernel before 4.18, a device without
-checksum offload), a batch falls back to one system call per datagram for good.
+checksum offload), a batch falls back to one system call per datagram for good; where a route
+refuses runs of datagrams larger than its MTU allows, it sends those one by one.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ MAX_RUN_BYTES = 65000  # a run goes out as one IP packet's worth of payload (655
 _LINUX = sys.platform.startswith("linux")
 _segment_size = struct.Struct("=H").pack
 _gro_size = struct.Struct("=i").unpack_from
-# Errors of a run's sendmsg that mean "not with GSO here": send it (and all later runs) one by one.
-_GSO_REFUSED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE}
+# Errors of a run's sendmsg that mean "not with GSO on this socket" (EIO: no checksum offload on
+# the route's device, or IPsec), and "not with segments this large" (larger than the path's MTU
+# allows; after a few of those, not at all).
+_GSO_REFUSED = {errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
+_SIZE_REFUSED = {errno.EINVAL, errno.EMSGSIZE}
+_MAX_REFUSALS = 3
 
 GRO_CONTROL_SPACE = socket.CMSG_SPACE(4) if _LINUX else 0
 
@@ -72,19 +77,23 @@ class DatagramBatch:
     burst it is reading); if not, or with ``on_queued`` unset, ``add`` sends at once. A batch
     of ``MAX_SEGMENTS`` packets flushes itself.
 
-    ``flush`` sends everything held. What a send refuses goes to ``on_error(error, packets)``
-    and the rest still goes; with ``on_error`` unset, the error is raised. ``sent`` and
-    ``calls`` count the datagrams handed to the kernel and the system calls that took them.
-    Not thread-safe: one thread adds and flushes.
+    ``flush`` sends everything held, every datagram as a datagram of its own, in order. A run
+    that fails for any reason but GSO's is sent again one datagram at a time, so that an error
+    costs what it cost without batches: each datagram a send refuses goes to ``on_error(error)``
+    and the rest still goes (with ``on_error`` unset, the error is raised and what the batch
+    still held is dropped). ``sent`` and ``calls`` count the datagrams handed to the kernel
+    and the system calls that took them. One thread adds and flushes: a batch has no lock.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.on_queued: Callable[[DatagramBatch], bool] | None = None
-        self.on_error: Callable[[OSError, int], None] | None = None
-        self.gso = _LINUX
+        self.on_error: Callable[[OSError], None] | None = None
+        self.gso = _gso_supported(sock)
+        self.max_segment = MAX_RUN_BYTES  # lowered when a route refuses runs of larger datagrams
         self.sent = 0
         self.calls = 0
+        self._refusals = 0
         self._packets: list[Any] = []
         self._addresses: list[Any] = []
 
@@ -114,15 +123,16 @@ class DatagramBatch:
             return
         start = 0
         while start < count:
-            # The run from `start`: one address, one size, the last one possibly shorter.
+            # The run from `start`: one address, one size, the last one possibly shorter. An
+            # empty datagram never joins one: the kernel would send nothing for it.
             address = addresses[start]
             size = len(packets[start])
             end = start + 1
-            total = size
-            if self.gso:
+            if self.gso and 0 < size <= self.max_segment:
+                total = size
                 while end < count and addresses[end] == address:
                     length = len(packets[end])
-                    if length > size or total + length > MAX_RUN_BYTES:
+                    if length > size or length == 0 or total + length > MAX_RUN_BYTES:
                         break
                     total += length
                     end += 1
@@ -149,11 +159,29 @@ class DatagramBatch:
                 sock.sendmsg(packets[start:end], control, 0, address)
             self.sent += end - start
         except OSError as e:
-            if end - start > 1 and e.errno in _GSO_REFUSED:
-                self.gso = False  # this route takes no GSO: from now on, one datagram per call
-                for index in range(start, end):
+            if end - start > 1:
+                if e.errno in _SIZE_REFUSED and self._refusals < _MAX_REFUSALS:
+                    # Larger than this route's MTU allows a segment to be (or SO_NO_CHECK):
+                    # runs of datagrams this large go one by one from now on.
+                    self._refusals += 1
+                    self.max_segment = size - 1
+                elif e.errno in _GSO_REFUSED or e.errno in _SIZE_REFUSED:
+                    self.gso = False  # this socket takes no GSO: one datagram per call for good
+                for index in range(start, end):  # any other error: as if sent one by one
                     self._send(packets, index, index + 1, size, address)
                 return
             if self.on_error is None:
                 raise
-            self.on_error(e, end - start)
+            self.on_error(e)
+
+
+def _gso_supported(sock: socket.socket) -> bool:
+    """Whether the kernel knows UDP_SEGMENT on this socket. Kernels before 4.18 would ignore the
+    control message and send a run as one datagram of everything: never risk that."""
+    if not _LINUX:
+        return False
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError:
+        return False
+    return True

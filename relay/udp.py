@@ -62,6 +62,7 @@ MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 4 << 20  # room for bursts: the kernel caps it at net.core.rmem_max/wmem_max
 SWEEP_INTERVAL = 1.0
 BATCH = 64  # answers read from one upstream socket per wake-up, at most
+HOLD_READS = 64  # datagrams read in a burst before what they made is sent, at most
 _CHECKED_TARGETS = 256  # per association: targets that already passed relay_target_chosen
 _RESOLVE_TTL = 30.0
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -84,7 +85,7 @@ class DatagramUpstream(Protocol):
 
     def send(self, target: Address, payload: bytes) -> None: ...
 
-    def receive(self) -> tuple[Address, bytes] | None: ...
+    def receive(self) -> tuple[Address, bytes] | list[tuple[Address, bytes] | ProtocolError] | None: ...
 
     def close(self) -> None: ...
 
@@ -315,7 +316,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         self.answer_batch = DatagramBatch(self.socket)
         self.answer_batch.on_queued = _flushed_by_the_reader
         self._answers_held = False  # the reader thread is past a round's first answer
-        self.answer_batch.on_error = lambda error, count: self.drop("reply failed", None, error, count)
+        self.answer_batch.on_error = lambda error: self.drop("reply failed", None, error)
         self._reader_thread: int | None = None  # set by the reader thread itself, first thing
         self._reader = threading.Thread(target=self._read_answers, name=f"udp-answers-{self.address}", daemon=True)
         self._reader.start()
@@ -352,6 +353,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             unflushed = self._unflushed
             self._loop_thread = threading.get_ident()
             wait = True  # whether the next read may wait: not right after a datagram
+            reads = 0  # read in this burst since its batches were last flushed
             while not self._shutdown_asked:
                 try:
                     data, ancillary, _, client_address = recvmsg(size, space, 0 if wait else _DONTWAIT)
@@ -361,6 +363,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                     if unflushed:
                         self._flush()
                     wait = True
+                    reads = 0
                     continue
                 except OSError:
                     if self._shutdown_asked or sock.fileno() == -1:
@@ -368,6 +371,10 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                     continue  # an ICMP error queued on the socket: reported once, and gone
                 self._holding = not wait or bool(ancillary)
                 wait = False
+                reads += 1
+                if reads >= HOLD_READS:  # a burst that does not end: flush as it goes
+                    reads = 0
+                    self._flush()
                 if ancillary:
                     for datagram in segments(data, ancillary):
                         try:
@@ -393,6 +400,12 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             self._unflushed.append(batch)
             return True
         return False
+
+    def _flush_before_blocking(self) -> None:
+        """About to wait for something else than datagrams (a hook, a name lookup): first send
+        what the burst made so far, rather than hold it through the wait."""
+        if self._unflushed and threading.get_ident() == self._loop_thread:
+            self._flush()
 
     def _flush(self) -> None:
         unflushed = self._unflushed
@@ -478,6 +491,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         association = self.associations.get(key)
         if association is not None:
             return association
+        self._flush_before_blocking()  # hooks, and an eviction that closes an upstream
         session = Session(config=self.config, client=Address(_host(client_address), client_address[1]), server=self)
         try:
             self.hook.relay_session_started(session=session)
@@ -493,7 +507,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         batch = getattr(upstream, "batch", None)
         if batch is not None:
             batch.on_queued = self._queued
-            batch.on_error = lambda error, count: self._send_failed(association, error, count)
+            batch.on_error = lambda error: self._send_failed(association, error)
         if upstream.sock is not None:
             upstream.sock.setblocking(False)  # drained until EAGAIN; a full send buffer drops, as UDP may
             self._selector.register(upstream.sock, selectors.EVENT_READ, association)
@@ -504,12 +518,14 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         return association
 
     def forward(self, association: Association, target: Address, payload: bytes) -> None:
-        """Send ``payload`` to ``target`` by the association's upstream. An upstream with a
-        batch may hold it until the burst being read is over: pass bytes, or a view of memory
-        left alone until then."""
+        """Send ``payload`` to ``target`` by the association's upstream, from the server's
+        thread (where front-ends' receive functions run: an upstream's batch has no lock). An
+        upstream with a batch may hold it until the burst being read is over: pass bytes, or a
+        view of memory left alone until then."""
         session = association.session
         try:
             if target not in association.checked:
+                self._flush_before_blocking()  # a hook, and the target's name lookup
                 self.hook.relay_target_chosen(session=session, target=target)
                 if len(association.checked) >= _CHECKED_TARGETS:
                     association.checked.clear()
@@ -522,25 +538,25 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             log.warning("%s: datagram to %s dropped: %s", session, target, e)
             return
         except OSError as e:
-            self._send_failed(association, e, 1)
+            self._send_failed(association, e)
             return
         session.bytes_up += len(payload)
 
-    def _send_failed(self, association: Association, error: OSError, count: int) -> None:
-        """``count`` datagrams of ``association`` that its upstream could not send."""
+    def _send_failed(self, association: Association, error: OSError) -> None:
+        """A datagram of ``association`` that its upstream could not send."""
         if error.errno == errno.EMSGSIZE:
-            self.stats["too large"] += count
-            log.warning("%s: %d datagram(s) dropped: too large to send", association.session, count)
+            self.stats["too large"] += 1
+            log.warning("%s: a datagram dropped: too large to send", association.session)
         else:
-            self.drop("send failed", association.key, error, count)
+            self.drop("send failed", association.key, error)
 
     def close_association(self, key: Any) -> None:
         association = self.associations.pop(key)
         if association is not None:
             self._close(association, None)
 
-    def drop(self, reason: str, client_address: Any, error: BaseException | None = None, count: int = 1) -> None:
-        self.stats[reason] += count
+    def drop(self, reason: str, client_address: Any, error: BaseException | None = None) -> None:
+        self.stats[reason] += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("datagram from %s dropped: %s%s", _peer(client_address), reason, f": {error}" if error else "")
 
@@ -564,6 +580,19 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
 
     def _read_answers(self) -> None:
         self._reader_thread = threading.get_ident()
+        try:
+            self._serve_answers()
+        finally:
+            self._answers_held = False
+            self._flush_answers()
+
+    def _flush_answers(self) -> None:
+        try:
+            self.answer_batch.flush()
+        except Exception:  # noqa: BLE001 - its errors are on_error's; this is a bug, not the reader's end
+            log.exception("answers: flush failed")
+
+    def _serve_answers(self) -> None:
         next_sweep = time.monotonic() + SWEEP_INTERVAL
         while not self._stopping.is_set():
             try:
@@ -602,7 +631,7 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                     self._answers_held = True  # the first answer went at once; the rest wait
                 self.associations.touch(association.key)
             self._answers_held = False
-            self.answer_batch.flush()  # the round's answers, in a few system calls
+            self._flush_answers()  # the round's answers, in a few system calls
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
                 for _, association in self.associations.expire():

@@ -233,7 +233,7 @@ def udp_burst(sock: socket.socket, method: str) -> None:
         if len(back) == len(BURST):
             break
     assert len(back) == len(BURST), f"{len(BURST) - len(back)} of {len(BURST)} datagrams of the burst did not come back"
-    assert sorted(back) == sorted(BURST), "datagrams of the burst came back changed"
+    assert back == BURST, "datagrams of the burst came back changed or out of order"
 
 
 # --- fixtures ---------------------------------------------------------------------------------
@@ -409,8 +409,9 @@ def test_udp_burst_relay_local_to_ss_server(pm: RelayPluginManager, method: str,
 
 
 def test_udp_burst_ss_tunnel_to_relay_remote(method: str, relay_remote_udp: RelayServer, echo_udp: Address) -> None:
-    """ss-tunnel's burst of datagrams (one system call each) through relay's remote, which sends
-    them on to the target in batches: every one comes back."""
+    """ss-tunnel's burst of datagrams (one system call each) through relay's remote, which holds
+    those that queue up behind one another and sends them on in batches: every one comes back,
+    in order."""
     ss_tunnel = find_binary("ss-tunnel", "shadowsocks-libev")
     tunnel_port = free_port()
     args = [*libev_args(relay_remote_udp.address.port, method, tunnel_port), "-L", str(echo_udp), "-u"]
