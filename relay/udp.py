@@ -62,7 +62,10 @@ MAX_DATAGRAM = 65535
 SOCKET_BUFFER = 4 << 20  # room for bursts: the kernel caps it at net.core.rmem_max/wmem_max
 SWEEP_INTERVAL = 1.0
 BATCH = 64  # answers read from one upstream socket per wake-up, at most
-HOLD_READS = 64  # datagrams read in a burst before what they made is sent, at most
+HOLD_READS = 64  # reads in a burst before what they made is sent, at most
+# A blocking read that returns sooner than this found its datagram already queued (a wake-up
+# from sleep takes longer): a burst is on. Wrong either way, it only changes what is batched.
+QUEUED_WITHIN = 20e-6
 _CHECKED_TARGETS = 256  # per association: targets that already passed relay_target_chosen
 _RESOLVE_TTL = 30.0
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -333,10 +336,11 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
         call, where select, recvfrom and a final EAGAIN took up to three (and the selector's
         Python more). SO_RCVTIMEO, set to ``poll_interval``, lets the loop see a shutdown request.
 
-        Bursts travel in batches, lone datagrams at once: what a datagram that had to be waited
-        for makes is sent at once; what datagrams already queued behind it make (and a GRO
-        burst) waits in batches until a read without waiting finds nothing more. Then the
-        loop flushes them, and only then waits."""
+        Bursts travel in batches, lone datagrams at once. What a datagram that had to be waited
+        for makes is sent at once, and the next read waits again. A datagram that was already
+        queued (the read came back within QUEUED_WITHIN), or a GRO burst, starts a burst: what
+        it makes waits in batches, and the loop reads on without waiting until it finds nothing
+        more; then it flushes them, and only then waits."""
         if not self._own_loop:
             super().serve_forever(poll_interval)
             return
@@ -352,11 +356,18 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
             recvmsg = sock.recvmsg
             unflushed = self._unflushed
             self._loop_thread = threading.get_ident()
-            wait = True  # whether the next read may wait: not right after a datagram
+            wait = True  # whether the next read may wait: not inside a burst
             reads = 0  # read in this burst since its batches were last flushed
+            clock = time.perf_counter
             while not self._shutdown_asked:
                 try:
-                    data, ancillary, _, client_address = recvmsg(size, space, 0 if wait else _DONTWAIT)
+                    if wait:
+                        started = clock()
+                        data, ancillary, _, client_address = recvmsg(size, space)
+                        burst = clock() - started < QUEUED_WITHIN or bool(ancillary)
+                    else:
+                        data, ancillary, _, client_address = recvmsg(size, space, _DONTWAIT)
+                        burst = True
                 except (BlockingIOError, InterruptedError):
                     # Nothing more queued (or the receive timeout): a burst is over.
                     self._holding = False
@@ -369,8 +380,8 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                     if self._shutdown_asked or sock.fileno() == -1:
                         return
                     continue  # an ICMP error queued on the socket: reported once, and gone
-                self._holding = not wait or bool(ancillary)
-                wait = False
+                self._holding = burst
+                wait = not burst
                 reads += 1
                 if reads >= HOLD_READS:  # a burst that does not end: flush as it goes
                     reads = 0
