@@ -59,7 +59,7 @@ from relay.aead import Aead2017Cipher
 from relay.aead2022 import CIPHERS as CIPHERS_2022
 from relay.aead2022 import PskChain, ReplayError, SaltStore
 from relay.codec import DatagramCodec
-from relay.gso import GRO_CONTROL_SPACE, DatagramBatch, enable_gro, segments
+from relay.gso import GRO_CONTROL_SPACE, DatagramBatch, enable_gro, read_burst
 from relay.net import connect_tcp, start_connect
 from relay.replay import SaltFilter
 from relay.udp import MAX_DATAGRAM, DatagramHandler, RelayUDPServer, udp_socket
@@ -407,13 +407,11 @@ class ShadowsocksDatagramUpstream:
         self._add(self._encode(target, payload))
 
     def receive(self) -> tuple[Address, bytes] | list[tuple[Address, bytes] | ProtocolError]:
-        if not self._space:  # no GRO here (nor, maybe, recvmsg)
-            return self.codec.decode(self.sock.recv(MAX_DATAGRAM))
-        data, ancillary, _, _ = self.sock.recvmsg(MAX_DATAGRAM, self._space)
-        if not ancillary:
+        data, _ = read_burst(self.sock, self._space, MAX_DATAGRAM)
+        if type(data) is not list:
             return self.codec.decode(data)
         answers: list[tuple[Address, bytes] | ProtocolError] = []
-        for packet in segments(data, ancillary):  # the remote's burst, read whole
+        for packet in data:  # the remote's burst, read whole
             try:
                 answers.append(self.codec.decode(packet))
             except ProtocolError as e:

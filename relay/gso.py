@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["DatagramBatch", "enable_gro", "segments", "GRO_CONTROL_SPACE", "MAX_SEGMENTS"]
+__all__ = ["DatagramBatch", "enable_gro", "read_burst", "segments", "GRO_CONTROL_SPACE", "MAX_SEGMENTS"]
 
 SOL_UDP = 17
 UDP_SEGMENT = 103  # linux/udp.h
@@ -66,6 +66,18 @@ def segments(data: bytes, ancillary: list[tuple[int, int, bytes]]) -> Iterator[b
             if 0 < size < len(data):
                 return (data[start : start + size] for start in range(0, len(data), size))
     return iter((data,))
+
+
+def read_burst(sock: socket.socket, space: int, size: int = 65535) -> tuple[bytes | list[bytes], Any]:
+    """One read of ``sock``: ``(datagram, address)``, or ``(datagrams, address)`` with a list
+    when a burst came whole. ``space`` is GRO_CONTROL_SPACE on a socket ``enable_gro`` took,
+    else 0: then a plain recvfrom (there may be no recvmsg)."""
+    if not space:
+        return sock.recvfrom(size)
+    data, ancillary, _, address = sock.recvmsg(size, space)
+    if ancillary:
+        return list(segments(data, ancillary)), address
+    return data, address
 
 
 class DatagramBatch:

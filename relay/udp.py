@@ -39,7 +39,7 @@ from .address import Address
 from .associations import AssociationTable
 from .config import Config
 from .errors import ProtocolError, RelayError, TargetRefused
-from .gso import GRO_CONTROL_SPACE, DatagramBatch, enable_gro, segments
+from .gso import GRO_CONTROL_SPACE, DatagramBatch, enable_gro, read_burst, segments
 from .policy import EgressPolicy
 from .net import forbidden, set_receive_timeout
 from .server import ListeningAddress
@@ -146,13 +146,10 @@ class DirectDatagramUpstream:
         self._add(payload, self._resolve(target))
 
     def receive(self) -> tuple[Address, bytes] | list[tuple[Address, bytes]]:
-        if not self._space:  # no GRO here (nor, maybe, recvmsg)
-            data, sockaddr = self.sock.recvfrom(MAX_DATAGRAM)
-            return Address(_host(sockaddr), sockaddr[1]), data
-        data, ancillary, _, sockaddr = self.sock.recvmsg(MAX_DATAGRAM, self._space)
+        data, sockaddr = read_burst(self.sock, self._space, MAX_DATAGRAM)
         source = Address(_host(sockaddr), sockaddr[1])
-        if ancillary:
-            return [(source, datagram) for datagram in segments(data, ancillary)]
+        if type(data) is list:  # the target's burst, read whole
+            return [(source, datagram) for datagram in data]
         return source, data
 
     def close(self) -> None:
@@ -382,10 +379,11 @@ class RelayUDPServer(ListeningAddress, socketserver.ThreadingMixIn, socketserver
                     continue  # an ICMP error queued on the socket: reported once, and gone
                 self._holding = burst
                 wait = not burst
-                reads += 1
-                if reads >= HOLD_READS:  # a burst that does not end: flush as it goes
-                    reads = 0
-                    self._flush()
+                if burst:
+                    reads += 1
+                    if reads >= HOLD_READS:  # a burst that does not end: flush as it goes
+                        reads = 0
+                        self._flush()
                 if ancillary:
                     for datagram in segments(data, ancillary):
                         try:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from relay.gso import GRO_CONTROL_SPACE, MAX_SEGMENTS, DatagramBatch, enable_gro, segments
+from relay.gso import GRO_CONTROL_SPACE, MAX_SEGMENTS, DatagramBatch, enable_gro, read_burst, segments
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="UDP GSO and GRO are Linux's")
 SO_NO_CHECK = 11  # Linux: UDP without checksums, which the kernel will not segment
@@ -221,3 +221,18 @@ def test_segments_without_a_gro_size_is_the_datagram_itself():
     assert list(segments(b"abcdef", [(socket.SOL_SOCKET, 1, struct.pack("=i", 2))])) == [b"abcdef"]
     assert list(segments(b"abcdefg", [(17, 104, struct.pack("=i", 3))])) == [b"abc", b"def", b"g"]
     assert list(segments(b"abc", [(17, 104, struct.pack("=i", 3))])) == [b"abc"]
+
+
+@linux
+def test_read_burst_gives_a_list_for_a_burst_and_the_datagram_otherwise(sender, receiver):
+    space = GRO_CONTROL_SPACE if enable_gro(receiver) else 0
+    batch = held(sender)
+    for packet in MIXED[:6]:  # five of 1200 bytes and a shorter last one: one run
+        batch.add(packet)
+    batch.flush()
+    sender.send(b"alone")
+    data, address = read_burst(receiver, space)
+    assert data == MIXED[:6] and address == sender.getsockname()
+    assert read_burst(receiver, space) == (b"alone", sender.getsockname())
+    sender.send(b"without GRO")
+    assert read_burst(receiver, 0) == (b"without GRO", sender.getsockname())
